@@ -1,0 +1,322 @@
+"""`create_app()`: lifespan, middleware, problem+json errors, routers. `app = create_app()`."""
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import httpx
+from alembic import command
+from alembic.config import Config
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from auth import AuthState
+from db import Database
+from routes import PolicyCache, dashboard, service
+from settings import Settings, get_settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("channelgate")
+access_log = logging.getLogger("channelgate.access")
+
+BODY_LIMIT = 1024 * 1024
+BULK_BODY_LIMIT = 8 * 1024 * 1024
+BULK_PATHS = frozenset({"/api/v1/bot/verifications"})
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
+API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+DB_UNAVAILABLE = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+def problem_body(
+    status: int, detail: str, request_id: str | None, slug: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "type": f"https://channelgate.dev/problems/{slug}" if slug else "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "request_id": request_id,
+        **extra,
+    }
+
+
+def problem(
+    request: Request,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    slug: str | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None)
+    return JSONResponse(
+        problem_body(status, detail, request_id, slug, **extra),
+        status_code=status,
+        headers=headers,
+        media_type="application/problem+json",
+    )
+
+
+SLUGS = {409: "conflict", 412: "stale-version", 413: "too-large", 415: "not-json"}
+
+
+async def http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).phrase
+    if error.status_code == 404 and detail == "Not Found":
+        detail = f"no route for {request.url.path}"
+    return problem(
+        request,
+        error.status_code,
+        detail,
+        headers=dict(error.headers or {}),
+        slug=SLUGS.get(error.status_code),
+    )
+
+
+async def validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in error.errors()
+    ]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return problem(request, 400, "the body is not valid JSON", slug="malformed")
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(part) for part in first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return problem(request, 422, f"{where}: {first['msg']}{more}", slug="validation", errors=errors)
+
+
+async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
+    log.error("database unavailable: %r", error)
+    return problem(
+        request, 503, "the database is unavailable; retry shortly", headers={"Retry-After": "5"}
+    )
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` (FastAPI passes HTTPExceptions raised while reading through)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the body exceeds {limit} bytes")
+
+
+class Gate:
+    """One pure-ASGI layer for every request: request id, body limits, JSON-only bodies,
+    security headers, access log, and a problem+json 500 that never leaks a stack trace."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        sent_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = sent_id if REQUEST_ID_RE.fullmatch(sent_id) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path: str = scope["path"]
+        status_holder = [0]
+        extra_headers = [(b"x-request-id", request_id.encode()), *SECURITY_HEADERS]
+        if not path.startswith(("/docs", "/redoc")):
+            extra_headers.append(API_CSP)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder[0] = message["status"]
+                message["headers"] = [*message.get("headers", ()), *extra_headers]
+            await send(message)
+
+        async def reject(status: int, detail: str, slug: str | None = None) -> None:
+            body = json.dumps(problem_body(status, detail, request_id, slug)).encode()
+            await send_with_headers(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [
+                        (b"content-type", b"application/problem+json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+        limit = BULK_BODY_LIMIT if path in BULK_PATHS else BODY_LIMIT
+        try:
+            length = headers.get(b"content-length")
+            has_body = (length is not None and length != b"0") or b"transfer-encoding" in headers
+            if has_body and scope["method"] in ("POST", "PUT", "PATCH"):
+                media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+                if media != b"application/json" and not media.endswith(b"+json"):
+                    await reject(415, "request bodies must be application/json", "not-json")
+                    return
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                await reject(413, f"the body exceeds {limit} bytes", "too-large")
+                return
+            received = 0
+
+            async def limited_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+                return message
+
+            await self.app(scope, limited_receive, send_with_headers)
+        except BodyTooLarge:
+            if not status_holder[0]:
+                await reject(413, f"the body exceeds {limit} bytes", "too-large")
+        except Exception:
+            log.exception(
+                "unhandled error in %s %s (request %s)", scope["method"], path, request_id
+            )
+            if not status_holder[0]:
+                await reject(500, "internal error; quote the request id when reporting it")
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                route = scope.get("route")
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": scope["method"],
+                        "path": path,  # never the query string: it may carry access_token
+                        "route": getattr(route, "path", None),
+                        "status": status_holder[0] or 500,
+                        "ms": round((time.perf_counter() - started) * 1000, 2),
+                        "request_id": request_id,
+                    },
+                )
+
+
+class JSONLogFormatter(logging.Formatter):
+    FIELDS = ("method", "path", "route", "status", "ms", "request_id")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str) -> None:
+    root = logging.getLogger("channelgate")
+    if not any(isinstance(h.formatter, JSONLogFormatter) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JSONLogFormatter())
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(level.upper())
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    config = Config(str(Path(__file__).with_name("alembic.ini")))
+    config.attributes["configure_logging"] = False
+    if database_url:
+        config.attributes["database_url"] = database_url
+    return config
+
+
+async def migrate(db: Database) -> None:
+    """alembic upgrade head on the app's own engine."""
+
+    def upgrade(connection: Any) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with db.engine.begin() as connection:
+        await connection.run_sync(upgrade)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
+        db = Database(settings)
+        if settings.should_auto_migrate:
+            await migrate(db)
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            app.state.db = db
+            app.state.auth = AuthState(settings, http)
+            app.state.policies = PolicyCache()
+            try:
+                yield
+            finally:
+                await db.dispose()
+
+    app = FastAPI(
+        title="channelgate",
+        version="0.1.0",
+        summary="Join-the-channel-before-you-talk: groups, policies, verifications.",
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    for error_type in DB_UNAVAILABLE:
+        app.add_exception_handler(error_type, database_unavailable)
+    app.include_router(service)
+    app.include_router(dashboard)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "If-Match",
+                "If-None-Match",
+                "X-Request-ID",
+            ],
+            expose_headers=["ETag", "X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(Gate)
+    return app
+
+
+app = create_app()

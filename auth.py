@@ -1,0 +1,312 @@
+"""Who is calling: Supabase access tokens for the dashboard, bot API keys for the bot.
+
+Dependencies: `CurrentStaff` (any staff), `Editor`, `Owner`, `BotCaller`.
+"""
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+import jwt
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select, update
+from sqlmodel import col
+
+from db import SessionDep
+from models import ROLE_RANK, BotKey, Role, Staff, utcnow
+from settings import Settings
+
+log = logging.getLogger("channelgate.auth")
+
+ASYMMETRIC_ALGORITHMS = ("ES256", "RS256")
+LEEWAY_SECONDS = 30
+JWKS_MAX_AGE = 600.0
+JWKS_MIN_REFETCH_INTERVAL = 30.0
+BOT_KEY_TTL = 5.0
+BOT_KEY_CACHE_MAX = 10_000
+BOT_KEY_RE = re.compile(r"^cgk_[A-Za-z0-9_-]{43}$")
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+class JWKSUnavailable(Exception):
+    """The JWKS endpoint has never answered, so no asymmetric token can be checked."""
+
+
+class JWKS:
+    """Signing keys of the Supabase project, cached; refetched at most every 30 s."""
+
+    def __init__(self, url: str, client: httpx.AsyncClient) -> None:
+        self.url = url
+        self.client = client
+        self.keys: dict[str, jwt.PyJWK] = {}
+        self.fetched_at: float | None = None
+        self.attempted_at = float("-inf")
+        self.lock = asyncio.Lock()
+
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        now = time.monotonic()
+        stale = self.fetched_at is None or now - self.fetched_at > JWKS_MAX_AGE
+        if stale or kid not in self.keys:
+            await self._refresh(now)
+        if self.fetched_at is None:
+            raise JWKSUnavailable
+        return self.keys.get(kid)
+
+    async def _refresh(self, now: float) -> None:
+        async with self.lock:
+            if now - self.attempted_at < JWKS_MIN_REFETCH_INTERVAL:
+                return  # someone just tried (or we are throttled): use what we have
+            self.attempted_at = time.monotonic()
+            try:
+                response = await self.client.get(self.url)
+                response.raise_for_status()
+                keys = {}
+                for data in response.json()["keys"]:
+                    if data.get("kid") and data.get("use", "sig") == "sig":
+                        try:
+                            keys[data["kid"]] = jwt.PyJWK(data)
+                        except jwt.PyJWKError:
+                            continue  # a key type we do not use; the others still count
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                log.warning("JWKS fetch from %s failed: %r; keeping cached keys", self.url, exc)
+                return
+            self.keys = keys
+            self.fetched_at = time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class BotIdentity:
+    id: str  # "key:<id>" for database keys, "env:<name>" for BOT_API_KEYS
+    name: str
+
+
+class BotKeyCache:
+    """key hash -> identity (or None: unknown or revoked) for a few seconds, so the hot path
+    makes no database round trip per request, and a revocation lands within BOT_KEY_TTL."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[float, BotIdentity | None]] = {}
+
+    def get(self, key_hash: str) -> tuple[float, BotIdentity | None] | None:
+        entry = self.entries.get(key_hash)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry
+        return None
+
+    def put(self, key_hash: str, identity: BotIdentity | None) -> None:
+        if len(self.entries) >= BOT_KEY_CACHE_MAX:
+            self.entries.clear()  # bounded: a flood of random keys cannot grow memory
+        self.entries[key_hash] = (time.monotonic() + BOT_KEY_TTL, identity)
+
+    def invalidate(self, key_hash: str) -> None:
+        self.entries.pop(key_hash, None)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_bot_key() -> str:
+    return "cgk_" + secrets.token_urlsafe(32)
+
+
+class AuthState:
+    """Per-application auth caches (kept on app.state)."""
+
+    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.jwks = JWKS(settings.jwks_url, http) if settings.jwks_url else None
+        self.bot_keys = BotKeyCache()
+        self.env_bot_keys = {
+            hash_key(key): BotIdentity(id=f"env:{name}", name=name)
+            for name, key in settings.env_bot_keys.items()
+        }
+        self.owner_ids = {str(uuid.UUID(u)) for u in settings.owner_user_ids}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller of a request: a staff member or a bot key. Audit rows are written as it."""
+
+    kind: str  # "staff" | "bot"
+    id: str
+    name: str | None
+    role: Role | None = None
+    aal: str | None = None
+    source: str = "database"
+    request_id: str | None = None
+
+
+bearer = HTTPBearer(
+    auto_error=False, scheme_name="SupabaseJWT", description="Supabase access token"
+)
+bot_bearer = HTTPBearer(auto_error=False, scheme_name="BotKey", description="cgk_… bot API key")
+
+
+def _state(request: Request) -> AuthState:
+    return request.app.state.auth
+
+
+async def verify_token(token: str, state: AuthState) -> dict[str, Any]:
+    """Check a Supabase access token; returns its claims or raises 401/503."""
+    settings = state.settings
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError:
+        raise unauthorized("malformed token") from None
+    alg = header.get("alg")
+    key: Any
+    if alg == "HS256" and settings.supabase_jwt_secret:
+        key = settings.supabase_jwt_secret
+    elif alg in ASYMMETRIC_ALGORITHMS and state.jwks is not None:
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise unauthorized("token has no key id")
+        try:
+            jwk = await state.jwks.key(kid)
+        except JWKSUnavailable:
+            raise HTTPException(
+                503, "token signing keys are unavailable", headers={"Retry-After": "30"}
+            ) from None
+        if jwk is None:
+            raise unauthorized("unknown signing key")
+        if jwk.algorithm_name != alg:
+            raise unauthorized("token algorithm does not match its key")
+        key = jwk.key
+    else:
+        raise unauthorized(f"token algorithm {alg!r} is not accepted")
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            audience=settings.supabase_jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway=LEEWAY_SECONDS,
+            options={"require": ["exp", "iat", "sub", "iss", "aud"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise unauthorized("token expired") from None
+    except jwt.InvalidSignatureError:
+        raise unauthorized("bad token signature") from None
+    except jwt.InvalidTokenError as exc:
+        raise unauthorized(f"invalid token: {exc}") from None
+    except (ValueError, TypeError):
+        raise unauthorized("invalid token") from None
+    if claims.get("role") != "authenticated":
+        raise unauthorized("token role must be 'authenticated'")
+    if claims.get("is_anonymous") is True:
+        raise unauthorized("anonymous sign-ins are not accepted")
+    try:
+        claims["sub"] = str(uuid.UUID(str(claims["sub"])))
+    except ValueError:
+        raise unauthorized("token subject is not a user id") from None
+    return claims
+
+
+async def current_staff(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    token = credentials.credentials if credentials else None
+    if token is None and request.url.path == "/api/v1/events":
+        token = request.query_params.get("access_token")  # EventSource cannot set headers
+    if not token:
+        raise unauthorized("missing bearer token")
+    if token.startswith("cgk_"):
+        raise unauthorized("bot keys are not accepted on dashboard routes")
+    state = _state(request)
+    claims = await verify_token(token, state)
+    user_id = claims["sub"]
+    request_id = getattr(request.state, "request_id", None)
+    common = {"aal": claims.get("aal"), "request_id": request_id, "name": claims.get("email")}
+    if user_id in state.owner_ids:
+        return Principal(kind="staff", id=user_id, role="owner", source="environment", **common)
+    role = await session.scalar(
+        select(col(Staff.role)).where(col(Staff.user_id) == uuid.UUID(user_id))
+    )
+    if role is None:
+        raise HTTPException(403, "this account is not channelgate staff")
+    return Principal(kind="staff", id=user_id, role=role, **common)
+
+
+CurrentStaff = Annotated[Principal, Depends(current_staff)]
+
+
+def _require(minimum: Role):
+    async def check(principal: CurrentStaff, request: Request) -> Principal:
+        if ROLE_RANK[principal.role or "viewer"] < ROLE_RANK[minimum]:
+            raise HTTPException(403, f"this needs the {minimum} role")
+        aal2_required = minimum == "owner" and _state(request).settings.require_aal2_for_owners
+        if aal2_required and principal.aal != "aal2":
+            raise HTTPException(403, "owner actions need multi-factor sign-in (aal2)")
+        return principal
+
+    return check
+
+
+Editor = Annotated[Principal, Depends(_require("editor"))]
+Owner = Annotated[Principal, Depends(_require("owner"))]
+
+
+async def bot_caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bot_bearer)],
+) -> Principal:
+    key = credentials.credentials if credentials else None
+    if not key:
+        raise unauthorized("missing bot key")
+    if not BOT_KEY_RE.fullmatch(key):
+        raise unauthorized("bot routes need a bot key (cgk_…)")
+    state = _state(request)
+    key_hash = hash_key(key)
+    identity = state.env_bot_keys.get(key_hash)
+    if identity is None:
+        cached = state.bot_keys.get(key_hash)
+        identity = cached[1] if cached else await _load_bot_key(request, key_hash)
+    if identity is None:
+        raise unauthorized("unknown or revoked bot key")
+    return Principal(
+        kind="bot",
+        id=identity.id,
+        name=identity.name,
+        request_id=getattr(request.state, "request_id", None),
+    )
+
+
+async def _load_bot_key(request: Request, key_hash: str) -> BotIdentity | None:
+    # Its own short session: the hot path has no request session to borrow.
+    async with request.app.state.db.sessionmaker() as session:
+        row = (
+            await session.execute(
+                select(col(BotKey.id), col(BotKey.name), col(BotKey.last_used_at)).where(
+                    col(BotKey.key_hash) == key_hash, col(BotKey.revoked_at).is_(None)
+                )
+            )
+        ).first()
+        identity = None
+        if row is not None:
+            identity = BotIdentity(id=f"key:{row.id}", name=row.name)
+            now = utcnow()
+            if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
+                await session.execute(
+                    update(BotKey).where(col(BotKey.id) == row.id).values(last_used_at=now)
+                )
+                await session.commit()
+    _state(request).bot_keys.put(key_hash, identity)
+    return identity
+
+
+BotCaller = Annotated[Principal, Depends(bot_caller)]

@@ -1,0 +1,173 @@
+"""The `channelgate` command."""
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+import jwt
+from pydantic import ValidationError
+
+from settings import Settings, get_settings
+
+
+def load_settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        sys.exit(f"channelgate: configuration error: {where}: {first['msg']}")
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = load_settings()
+    uvicorn.run(
+        "app:app",
+        host=args.host,
+        port=args.port,
+        workers=None if args.reload else args.workers,
+        reload=args.reload,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,  # channelgate writes its own structured access log
+        proxy_headers=True,
+    )
+
+
+async def _migrate(settings: Settings) -> None:
+    from app import migrate
+    from db import Database
+
+    db = Database(settings)
+    try:
+        await migrate(db)
+    finally:
+        await db.dispose()
+
+
+def migrate(_: argparse.Namespace) -> None:
+    asyncio.run(_migrate(load_settings()))
+    print("database is at the latest schema")
+
+
+async def _create_bot_key(settings: Settings, name: str) -> str:
+    from auth import Principal
+    from db import Database
+    from routes import create_key
+
+    db = Database(settings)
+    try:
+        if settings.should_auto_migrate:
+            from app import migrate as migrate_db
+
+            await migrate_db(db)
+        async with db.sessionmaker() as session:
+            cli = Principal(kind="staff", id="cli", name="channelgate create-bot-key")
+            return (await create_key(session, cli, name)).key
+    finally:
+        await db.dispose()
+
+
+def create_bot_key(args: argparse.Namespace) -> None:
+    name = args.name.strip()
+    if not 1 <= len(name) <= 64:
+        sys.exit("channelgate: the key name must be 1 to 64 characters")
+    key = asyncio.run(_create_bot_key(load_settings(), name))
+    print(key)
+    print("(shown once: store it now; channelgate keeps only its hash)", file=sys.stderr)
+
+
+async def _add_staff(settings: Settings, user_id: uuid.UUID, role: str, email: str | None) -> None:
+    from sqlalchemy import select
+    from sqlmodel import col
+
+    from db import Database
+    from models import Staff, utcnow
+
+    db = Database(settings)
+    try:
+        if settings.should_auto_migrate:
+            from app import migrate as migrate_db
+
+            await migrate_db(db)
+        async with db.sessionmaker() as session:
+            staff = await session.scalar(select(Staff).where(col(Staff.user_id) == user_id))
+            if staff is None:
+                session.add(Staff(user_id=user_id, role=role, email=email))  # pyrefly: ignore[bad-argument-type]
+            else:
+                staff.role = role  # pyrefly: ignore[bad-assignment]
+                staff.updated_at = utcnow()
+            await session.commit()
+    finally:
+        await db.dispose()
+
+
+def mint_dev_token(
+    settings: Settings, user_id: uuid.UUID, email: str | None, hours: float, aal: str = "aal1"
+) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": settings.jwt_issuer,
+        "aud": settings.supabase_jwt_audience,
+        "sub": str(user_id),
+        "role": "authenticated",
+        "aal": aal,
+        "is_anonymous": False,
+        "iat": now,
+        "exp": now + int(hours * 3600),
+    }
+    if email:
+        claims["email"] = email
+    return jwt.encode(claims, settings.supabase_jwt_secret, algorithm="HS256")
+
+
+def dev_token(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    if not settings.supabase_jwt_secret:
+        sys.exit("channelgate: dev-token needs SUPABASE_JWT_SECRET (set it in .env)")
+    if settings.environment == "production":
+        sys.exit("channelgate: dev-token is for local use; refusing in production")
+    user_id = args.user_id or uuid.uuid4()
+    asyncio.run(_add_staff(settings, user_id, args.role, args.email))
+    print(mint_dev_token(settings, user_id, args.email, args.hours, args.aal))
+    print(f"(user {user_id} is now {args.role}; token valid {args.hours} h)", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="channelgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("serve", help="run the HTTP service")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
+    p.set_defaults(run=serve)
+
+    p = commands.add_parser("migrate", help="bring the database schema up to date")
+    p.set_defaults(run=migrate)
+
+    p = commands.add_parser("create-bot-key", help="create a bot API key and print it once")
+    p.add_argument("name")
+    p.set_defaults(run=create_bot_key)
+
+    p = commands.add_parser("dev-token", help="mint a local HS256 token and make its user staff")
+    p.add_argument("--user-id", type=uuid.UUID, help="Supabase user UUID (default: a new one)")
+    p.add_argument("--role", choices=["owner", "editor", "viewer"], default="owner")
+    p.add_argument("--email", default=None)
+    p.add_argument("--hours", type=float, default=12.0)
+    p.add_argument("--aal", choices=["aal1", "aal2"], default="aal1")
+    p.set_defaults(run=dev_token)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,597 @@
+"""SQLModel classes: the tables and the request/response schemas derived from them.
+
+Constraints are declared once, as annotated types, and drive both the DDL and the 422s.
+"""
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Self
+
+from annotated_types import Interval, Len
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, StringConstraints, model_validator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+SQLModel.metadata.naming_convention = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata: MetaData = SQLModel.metadata
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """timestamptz on PostgreSQL; on SQLite (which has no time zones) stored and read as UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# BIGINT primary keys do not autoincrement on SQLite; INTEGER there is the same 64-bit rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+# ---------------------------------------------------------------- Telegram id rules
+
+RESERVED_USER_IDS = frozenset({1087968824, 136817688, 777000})
+MAX_USER_ID = 2**40 - 1
+
+
+def _not_reserved(user_id: int) -> int:
+    if user_id in RESERVED_USER_IDS:
+        raise ValueError("is a Telegram service account, not a user")
+    return user_id
+
+
+def _group_chat_id(chat_id: int) -> int:
+    if not (-999_999_999_999 <= chat_id <= -1 or -4_000_000_000_000 <= chat_id <= -(10**12 + 1)):
+        raise ValueError("is not a group chat id (negative; supergroups -100…)")
+    return chat_id
+
+
+def _channel_chat_id(chat_id: int) -> int:
+    if not -4_000_000_000_000 <= chat_id <= -(10**12 + 1):
+        raise ValueError("is not a channel chat id (-100…)")
+    return chat_id
+
+
+def _normalise_username(value: object) -> object:
+    return value.removeprefix("@").lower() if isinstance(value, str) else value
+
+
+UserId = Annotated[int, Interval(ge=1, le=MAX_USER_ID), AfterValidator(_not_reserved)]
+GroupChatId = Annotated[int, AfterValidator(_group_chat_id)]
+ChannelChatId = Annotated[int, AfterValidator(_channel_chat_id)]
+Username = Annotated[
+    str,
+    BeforeValidator(_normalise_username),
+    StringConstraints(pattern=r"^[a-z][a-z0-9_]{3,31}$"),
+]
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
+InviteLink = Annotated[
+    str, StringConstraints(max_length=255, pattern=r"^(https://t\.me/|tg://)[^\s]+$")
+]
+Count = Annotated[int, Interval(ge=0, le=2**31 - 1)]
+
+# ---------------------------------------------------------------- group settings
+
+PLACEHOLDERS = frozenset({"user", "group", "channels"})
+DEFAULT_WARNING_TEXT = (
+    "{user}, to write in {group} please join {channels} first, then send your message again."
+)
+
+
+def _warning_placeholders(text: str) -> str:
+    unknown = set(re.findall(r"\{([^{}]*)\}", text)) - PLACEHOLDERS
+    if unknown:
+        raise ValueError(
+            "unknown placeholder(s) "
+            + ", ".join("{" + u + "}" for u in sorted(unknown))
+            + "; allowed: {user}, {group}, {channels}"
+        )
+    return text
+
+
+def _mute_seconds(seconds: int) -> int:
+    if 0 < seconds < 30:
+        raise ValueError("must be 0 (until verified) or 30 … 31622400")
+    return seconds
+
+
+def _distinct(ids: list[int]) -> list[int]:
+    if len(set(ids)) != len(ids):
+        raise ValueError("user ids must be distinct")
+    return ids
+
+
+Mode = Literal["all", "any"]
+Action = Literal["mute", "delete", "kick", "warn"]
+OnError = Literal["allow", "block"]
+MuteSeconds = Annotated[int, Interval(ge=0, le=31_622_400), AfterValidator(_mute_seconds)]
+WarningText = Annotated[
+    str, StringConstraints(min_length=1, max_length=1024), AfterValidator(_warning_placeholders)
+]
+WarningTtl = Annotated[int, Interval(ge=0, le=86_400)]
+RecheckSeconds = Annotated[int, Interval(ge=60, le=604_800)]
+ExemptUserIds = Annotated[list[UserId], Len(max_length=500), AfterValidator(_distinct)]
+
+SETTING_FIELDS = (
+    "mode",
+    "action",
+    "mute_seconds",
+    "warning_text",
+    "warning_ttl_seconds",
+    "check_on_join",
+    "on_error",
+    "exempt_user_ids",
+    "recheck_seconds",
+)
+
+
+class Request(SQLModel):
+    """Base of every request body: unknown fields are a 422."""
+
+    model_config = ConfigDict(extra="forbid")  # pyrefly: ignore[bad-override]
+
+
+class GroupSettings(SQLModel):
+    mode: Mode = Field(default="all", sa_type=String(8))
+    action: Action = Field(default="mute", sa_type=String(8))
+    mute_seconds: MuteSeconds = 0
+    warning_text: WarningText = Field(default=DEFAULT_WARNING_TEXT, sa_type=String(1024))
+    warning_ttl_seconds: WarningTtl = 60
+    check_on_join: bool = True
+    on_error: OnError = Field(default="allow", sa_type=String(8))
+    exempt_user_ids: ExemptUserIds = Field(default_factory=list, sa_type=JSONType)
+    recheck_seconds: RecheckSeconds = 600
+
+
+# ---------------------------------------------------------------- groups
+
+
+class GroupBase(GroupSettings):
+    chat_id: GroupChatId = Field(sa_type=BigInteger, unique=True)
+    title: Title = Field(sa_type=String(255))
+    username: Username | None = Field(default=None, sa_type=String(32), index=True)
+    is_active: bool = True
+
+
+class Group(GroupBase, table=True):
+    __tablename__ = "groups"  # pyrefly: ignore[bad-override]
+
+    id: int | None = Field(default=None, primary_key=True)
+    member_count: Count | None = None
+    added_by_user_id: int | None = Field(default=None, sa_type=BigInteger)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    version: int = 1
+
+
+class GroupCreate(GroupBase, Request):
+    pass
+
+
+class GroupUpdate(Request):
+    title: Title | None = None
+    username: Username | None = None
+    is_active: bool | None = None
+    mode: Mode | None = None
+    action: Action | None = None
+    mute_seconds: MuteSeconds | None = None
+    warning_text: WarningText | None = None
+    warning_ttl_seconds: WarningTtl | None = None
+    check_on_join: bool | None = None
+    on_error: OnError | None = None
+    exempt_user_ids: ExemptUserIds | None = None
+    recheck_seconds: RecheckSeconds | None = None
+
+    @model_validator(mode="after")
+    def _no_null_for_required(self) -> Self:
+        return _reject_nulls(self, nullable={"username"})
+
+
+def _reject_nulls[M: SQLModel](model: M, nullable: set[str]) -> M:
+    """Fields are optional to allow partial updates, but an explicit null must be nullable."""
+    nulls = [f for f in model.model_fields_set - nullable if getattr(model, f) is None]
+    if nulls:
+        raise ValueError(f"{', '.join(sorted(nulls))} cannot be null")
+    return model
+
+
+class GroupSummary(SQLModel):
+    chat_id: int
+    title: str
+    username: str | None
+    is_active: bool
+    channel_count: int
+    member_count: int | None
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+
+class ChannelRef(SQLModel):
+    chat_id: int
+    title: str
+    username: str | None
+    invite_link: str | None
+
+
+class GroupStats(SQLModel):
+    verified_members: int = 0
+    restricted_members: int = 0
+    checks_24h: int = 0
+    pass_rate_24h: float | None = None
+
+
+class GroupPublic(GroupSettings, GroupSummary):
+    channels: list[ChannelRef]
+    stats: GroupStats
+
+
+class Policy(GroupSettings):
+    chat_id: int
+    active: bool
+    version: int
+    channels: list[ChannelRef]
+
+
+# ---------------------------------------------------------------- channels
+
+
+class ChannelBase(SQLModel):
+    chat_id: ChannelChatId = Field(sa_type=BigInteger, unique=True)
+    title: Title = Field(sa_type=String(255))
+    username: Username | None = Field(default=None, sa_type=String(32), index=True)
+    invite_link: InviteLink | None = Field(default=None, sa_type=String(255))
+
+
+class Channel(ChannelBase, table=True):
+    __tablename__ = "channels"  # pyrefly: ignore[bad-override]
+
+    id: int | None = Field(default=None, primary_key=True)
+    subscriber_count: Count | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    version: int = 1
+
+
+class ChannelCreate(ChannelBase, Request):
+    pass
+
+
+class ChannelUpdate(Request):
+    title: Title | None = None
+    username: Username | None = None
+    invite_link: InviteLink | None = None
+
+    @model_validator(mode="after")
+    def _no_null_for_required(self) -> Self:
+        return _reject_nulls(self, nullable={"username", "invite_link"})
+
+
+class ChannelSummary(SQLModel):
+    chat_id: int
+    title: str
+    username: str | None
+    invite_link: str | None
+    group_count: int
+    subscriber_count: int | None
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+
+class GroupRef(SQLModel):
+    chat_id: int
+    title: str
+
+
+class ChannelPublic(ChannelSummary):
+    groups: list[GroupRef]
+
+
+MAX_CHANNELS_PER_GROUP = 10
+
+
+class GroupChannel(SQLModel, table=True):
+    __tablename__ = "group_channels"  # pyrefly: ignore[bad-override]
+    __table_args__ = (UniqueConstraint("group_id", "channel_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    group_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("groups.id", ondelete="CASCADE"), nullable=False)
+    )
+    channel_id: int = Field(
+        sa_column=Column(
+            Integer, ForeignKey("channels.id", ondelete="CASCADE"), nullable=False, index=True
+        )
+    )
+    position: int
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+# ---------------------------------------------------------------- staff
+
+Role = Literal["viewer", "editor", "owner"]
+ROLE_RANK: dict[str, int] = {"viewer": 1, "editor": 2, "owner": 3}
+Email = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=320, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"),
+]
+
+
+class Staff(SQLModel, table=True):
+    __tablename__ = "staff"  # pyrefly: ignore[bad-override]
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: uuid.UUID = Field(unique=True)
+    email: str | None = Field(default=None, sa_type=String(320))
+    role: Role = Field(sa_type=String(8))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class StaffPut(Request):
+    email: Email | None = None
+    role: Role
+
+
+class StaffPublic(SQLModel):
+    user_id: uuid.UUID
+    email: str | None
+    role: Role
+    created_at: datetime | None
+    source: Literal["database", "environment"]
+
+
+class Me(SQLModel):
+    user_id: uuid.UUID
+    email: str | None
+    role: Role
+    aal: str | None
+
+
+# ---------------------------------------------------------------- bot keys
+
+KeyName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+
+class BotKey(SQLModel, table=True):
+    __tablename__ = "bot_keys"  # pyrefly: ignore[bad-override]
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_type=String(64))
+    prefix: str = Field(sa_type=String(12))
+    key_hash: str = Field(sa_type=String(64), unique=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    last_used_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class BotKeyCreate(Request):
+    name: KeyName
+
+
+class BotKeyPublic(SQLModel):
+    id: int
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class BotKeyCreated(SQLModel):
+    id: int
+    name: str
+    prefix: str
+    key: str
+    created_at: datetime
+
+
+# ---------------------------------------------------------------- audit log
+
+ActorKind = Literal["staff", "bot"]
+
+
+class AuditLog(SQLModel, table=True):
+    __tablename__ = "audit_log"  # pyrefly: ignore[bad-override]
+    __table_args__ = (
+        Index(None, "at", "id"),
+        Index(None, "actor_id", "at", "id"),
+        Index(None, "resource", "resource_id", "at"),
+    )
+
+    id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    actor_kind: ActorKind = Field(sa_type=String(8))
+    actor_id: str = Field(sa_type=String(64))
+    actor_name: str | None = Field(default=None, sa_type=String(320))
+    action: str = Field(sa_type=String(64), index=True)
+    resource: str = Field(sa_type=String(32))
+    resource_id: str = Field(sa_type=String(64))
+    before: dict[str, Any] | None = Field(default=None, sa_type=JSONType)
+    after: dict[str, Any] | None = Field(default=None, sa_type=JSONType)
+    request_id: str | None = Field(default=None, sa_type=String(64))
+
+
+class Actor(SQLModel):
+    kind: ActorKind
+    id: str
+    name: str | None
+
+
+class AuditPublic(SQLModel):
+    id: int
+    at: datetime
+    actor: Actor
+    action: str
+    resource: str
+    resource_id: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    request_id: str | None
+
+
+# ---------------------------------------------------------------- bot: members, log, instances
+
+Result = Literal["passed", "blocked", "error"]
+Trigger = Literal["message", "join", "button", "channel_leave", "recheck"]
+MemberStatus = Literal["verified", "restricted"]
+
+
+class Member(SQLModel, table=True):
+    """Current verification state of one user in one group (by chat id: it outlives links)."""
+
+    __tablename__ = "members"  # pyrefly: ignore[bad-override]
+    __table_args__ = (
+        UniqueConstraint("chat_id", "user_id"),
+        Index(None, "chat_id", "status", "user_id"),
+    )
+
+    id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
+    chat_id: int = Field(sa_type=BigInteger)
+    user_id: int = Field(sa_type=BigInteger)
+    status: MemberStatus = Field(sa_type=String(12))
+    verified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    restricted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    checks: int = 0
+
+
+class MemberPublic(SQLModel):
+    user_id: int
+    status: MemberStatus
+    verified_at: datetime | None
+    restricted_at: datetime | None
+    updated_at: datetime
+    checks: int
+
+
+class MemberState(SQLModel):
+    status: Literal["verified", "restricted", "unknown"]
+    verified_at: datetime | None
+    restricted_at: datetime | None
+    fresh_until: datetime | None
+
+
+class Verification(SQLModel, table=True):
+    """Append-only log of every check a bot reported; chat ids are not foreign keys, so the
+    history of an unregistered or deleted group is kept."""
+
+    __tablename__ = "verifications"  # pyrefly: ignore[bad-override]
+    __table_args__ = (
+        Index(None, "occurred_at", "id"),
+        Index(None, "chat_id", "occurred_at", "id"),
+        Index(None, "user_id", "occurred_at", "id"),
+    )
+
+    id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
+    event_id: uuid.UUID = Field(unique=True)
+    chat_id: int = Field(sa_type=BigInteger)
+    user_id: int = Field(sa_type=BigInteger)
+    result: Result = Field(sa_type=String(8))
+    trigger: Trigger = Field(sa_type=String(16))
+    missing_channel_ids: list[int] = Field(default_factory=list, sa_type=JSONType)
+    cached: bool = False
+    latency_ms: int = 0
+    error: str | None = Field(default=None, sa_type=String(200))
+    occurred_at: datetime = Field(sa_type=UTCDateTime)
+    received_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class VerificationIn(Request):
+    event_id: uuid.UUID
+    chat_id: GroupChatId
+    user_id: UserId
+    result: Result
+    trigger: Trigger
+    missing_channel_ids: Annotated[list[ChannelChatId], Len(max_length=10)] = []
+    cached: bool = False
+    latency_ms: Annotated[int, Interval(ge=0, le=600_000)] = 0
+    error: Annotated[str, StringConstraints(max_length=200)] | None = None
+    occurred_at: datetime
+
+
+class VerificationBatch(Request):
+    events: Annotated[list[VerificationIn], Len(min_length=1, max_length=1000)]
+
+
+class IngestResult(SQLModel):
+    accepted: int
+    duplicates: int
+
+
+class VerificationPublic(SQLModel):
+    id: int
+    event_id: uuid.UUID
+    chat_id: int
+    user_id: int
+    result: Result
+    trigger: Trigger
+    missing_channel_ids: list[int]
+    cached: bool
+    latency_ms: int
+    error: str | None
+    occurred_at: datetime
+    received_at: datetime
+
+
+class BotInstance(SQLModel, table=True):
+    __tablename__ = "bot_instances"  # pyrefly: ignore[bad-override]
+
+    id: int | None = Field(default=None, primary_key=True)
+    instance_id: str = Field(sa_type=String(64), unique=True)
+    key_name: str = Field(sa_type=String(64))
+    version: str = Field(sa_type=String(64))
+    started_at: datetime = Field(sa_type=UTCDateTime)
+    last_seen_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    stats: dict[str, float] = Field(default_factory=dict, sa_type=JSONType)
+
+
+# ---------------------------------------------------------------- pages
+
+
+class Page[T](SQLModel):
+    items: list[T]
+    next_cursor: str | None
+
+
+class CountedPage[T](SQLModel):
+    items: list[T]
+    next_cursor: str | None
+    total: int

@@ -1,0 +1,939 @@
+"""Every endpoint: routers `dashboard` (Supabase staff), `bot` (bot keys) and `service`."""
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import ColumnElement, delete, func, or_, select, text, tuple_, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from auth import CurrentStaff, Editor, Owner, Principal, hash_key, new_bot_key
+from db import SessionDep
+from models import (
+    MAX_CHANNELS_PER_GROUP,
+    Actor,
+    AuditLog,
+    AuditPublic,
+    BotKey,
+    BotKeyCreate,
+    BotKeyCreated,
+    BotKeyPublic,
+    Channel,
+    ChannelCreate,
+    ChannelPublic,
+    ChannelRef,
+    ChannelSummary,
+    ChannelUpdate,
+    CountedPage,
+    Group,
+    GroupChannel,
+    GroupCreate,
+    GroupPublic,
+    GroupRef,
+    GroupStats,
+    GroupSummary,
+    GroupUpdate,
+    Me,
+    Member,
+    MemberPublic,
+    Page,
+    Staff,
+    StaffPublic,
+    StaffPut,
+    Verification,
+    utcnow,
+)
+
+INT64 = 2**63 - 1
+ChatIdPath = Annotated[int, Path(ge=-INT64, le=INT64)]
+ChannelIdPath = Annotated[int, Path(ge=-INT64, le=INT64)]
+Limit = Annotated[int, Query(ge=1, le=200)]
+Cursor = Annotated[str | None, Query(max_length=512)]
+Search = Annotated[str | None, Query(min_length=1, max_length=255)]
+Since = Annotated[datetime | None, Query()]
+Until = Annotated[datetime | None, Query()]
+
+dashboard = APIRouter(prefix="/api/v1")
+service = APIRouter()
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def not_found(what: str) -> HTTPException:
+    return HTTPException(404, f"{what} not found")
+
+
+def conflict(detail: str) -> HTTPException:
+    return HTTPException(409, detail)
+
+
+def invalid_query(name: str, msg: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("query", name), "msg": msg, "type": "value_error"}])
+
+
+def aware(value: datetime | None, name: str) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise invalid_query(name, "needs a time zone, e.g. 2026-11-26T10:00:00Z")
+    return value
+
+
+def encode_cursor(sort: str, values: Sequence[Any]) -> str:
+    raw = json.dumps([sort, *[v.isoformat() if isinstance(v, datetime) else v for v in values]])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, sort: str, kinds: Sequence[type]) -> list[Any]:
+    """Parse a cursor made by `encode_cursor` for `sort`; anything else is a 422."""
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(raw, list) or len(raw) != len(kinds) + 1 or raw[0] != sort:
+            raise ValueError
+        values: list[Any] = []
+        for kind, value in zip(kinds, raw[1:], strict=True):
+            if kind is datetime:
+                parsed = datetime.fromisoformat(value)
+                if parsed.tzinfo is None:
+                    raise ValueError
+                values.append(parsed)
+            elif (kind is int and type(value) is int and -INT64 <= value <= INT64) or (
+                kind is str and isinstance(value, str)
+            ):
+                values.append(value)
+            else:
+                raise ValueError
+        return values
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise invalid_query("cursor", "malformed cursor; use next_cursor as returned") from None
+
+
+def keyset(columns: Sequence[Any], values: Sequence[Any], descending: bool) -> ColumnElement[bool]:
+    row = tuple_(*columns)
+    return row < tuple_(*values) if descending else row > tuple_(*values)
+
+
+def order(columns: Sequence[Any], descending: bool) -> list[Any]:
+    return [c.desc() if descending else c.asc() for c in columns]
+
+
+def if_match(header: str | None, version: int) -> None:
+    """412 unless the If-Match header (if any) names the current version."""
+    if header is None or header.strip() == "*":
+        return
+    tags = {t.strip().removeprefix("W/").strip('"') for t in header.split(",")}
+    if str(version) not in tags:
+        raise HTTPException(412, f"version {version} is current; reload and retry")
+
+
+def etag(response: Response, version: int) -> None:
+    response.headers["ETag"] = f'"{version}"'
+
+
+def snapshot(row: Any, exclude: set[str] | None = None) -> dict[str, Any]:
+    return row.model_dump(mode="json", exclude={"id", *(exclude or set())})
+
+
+def audit(
+    session: AsyncSession,
+    actor: Principal,
+    action: str,
+    resource: str,
+    resource_id: object,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        AuditLog(
+            actor_kind="bot" if actor.kind == "bot" else "staff",
+            actor_id=actor.id,
+            actor_name=actor.name,
+            action=action,
+            resource=resource,
+            resource_id=str(resource_id),
+            before=before,
+            after=after,
+            request_id=actor.request_id,
+        )
+    )
+
+
+class PolicyCache:
+    """chat id -> serialized policy. Invalidated after every committed change that touches a
+    group, its links or a linked channel."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[bytes, str]] = {}
+
+    def invalidate(self, *chat_ids: int) -> None:
+        for chat_id in chat_ids:
+            self.entries.pop(chat_id, None)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def policy_cache(request: Request) -> PolicyCache:
+    return request.app.state.policies
+
+
+PolicyCacheDep = Annotated[PolicyCache, Depends(policy_cache)]
+
+
+# ---------------------------------------------------------------- groups
+
+
+async def load_group(session: AsyncSession, chat_id: int, *, lock: bool = False) -> Group:
+    stmt = select(Group).where(col(Group.chat_id) == chat_id)
+    group = await session.scalar(stmt.with_for_update() if lock else stmt)
+    if group is None:
+        raise not_found(f"group {chat_id}")
+    return group
+
+
+async def group_dep(chat_id: ChatIdPath, session: SessionDep) -> Group:
+    return await load_group(session, chat_id)
+
+
+GroupDep = Annotated[Group, Depends(group_dep)]
+
+
+def channel_count_column() -> Any:
+    return (
+        select(func.count())
+        .where(col(GroupChannel.group_id) == col(Group.id))
+        .correlate(Group)
+        .scalar_subquery()
+        .label("channel_count")
+    )
+
+
+async def linked_channels(session: AsyncSession, group_id: int) -> list[ChannelRef]:
+    rows = await session.scalars(
+        select(Channel)
+        .join(GroupChannel, col(GroupChannel.channel_id) == col(Channel.id))
+        .where(col(GroupChannel.group_id) == group_id)
+        .order_by(col(GroupChannel.position))
+    )
+    return [ChannelRef.model_validate(c, from_attributes=True) for c in rows]
+
+
+async def group_stats(session: AsyncSession, chat_id: int) -> GroupStats:
+    members = (
+        await session.execute(
+            select(
+                func.count().filter(col(Member.status) == "verified"),
+                func.count().filter(col(Member.status) == "restricted"),
+            ).where(col(Member.chat_id) == chat_id)
+        )
+    ).one()
+    checks = (
+        await session.execute(
+            select(func.count(), func.count().filter(col(Verification.result) == "passed")).where(
+                col(Verification.chat_id) == chat_id,
+                col(Verification.occurred_at) >= utcnow() - timedelta(hours=24),
+            )
+        )
+    ).one()
+    return GroupStats(
+        verified_members=members[0],
+        restricted_members=members[1],
+        checks_24h=checks[0],
+        pass_rate_24h=checks[1] / checks[0] if checks[0] else None,
+    )
+
+
+async def group_public(session: AsyncSession, group: Group) -> GroupPublic:
+    assert group.id is not None
+    channels = await linked_channels(session, group.id)
+    return GroupPublic.model_validate(
+        {
+            **group.model_dump(),
+            "channel_count": len(channels),
+            "channels": channels,
+            "stats": await group_stats(session, group.chat_id),
+        }
+    )
+
+
+async def bump_groups_linked_to(session: AsyncSession, channel_id: int) -> list[int]:
+    """A linked channel changed, so the policy of every group requiring it changed."""
+    linked = select(col(GroupChannel.group_id)).where(col(GroupChannel.channel_id) == channel_id)
+    result = await session.execute(
+        update(Group)
+        .where(col(Group.id).in_(linked))
+        .values(version=col(Group.version) + 1)
+        .returning(col(Group.chat_id))
+    )
+    return list(result.scalars())
+
+
+GroupSort = Literal["title", "-title", "created_at", "-created_at"]
+
+
+@dashboard.get("/groups", response_model=CountedPage[GroupSummary], tags=["groups"])
+async def list_groups(
+    session: SessionDep,
+    _: CurrentStaff,
+    q: Search = None,
+    active: bool | None = None,
+    sort: GroupSort = "-created_at",
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> CountedPage[GroupSummary]:
+    """List protected groups."""
+    filters: list[ColumnElement[bool]] = []
+    if q is not None:
+        match = [col(Group.title).icontains(q, autoescape=True)]
+        match.append(col(Group.username).icontains(q.removeprefix("@"), autoescape=True))
+        if q.lstrip("-").isdigit() and abs(int(q)) <= INT64:
+            match.append(col(Group.chat_id) == int(q))
+        filters.append(or_(*match))
+    if active is not None:
+        filters.append(col(Group.is_active) == active)
+    total = await session.scalar(select(func.count()).select_from(Group).where(*filters))
+    key_column: Any = col(Group.title) if sort.endswith("title") else col(Group.created_at)
+    descending = sort.startswith("-")
+    columns = [key_column, col(Group.id)]
+    stmt = select(Group, channel_count_column()).where(*filters)
+    if cursor:
+        kind = str if sort.endswith("title") else datetime
+        stmt = stmt.where(keyset(columns, decode_cursor(cursor, sort, [kind, int]), descending))
+    rows = (
+        await session.execute(stmt.order_by(*order(columns, descending)).limit(limit + 1))
+    ).all()
+    items = [
+        GroupSummary.model_validate({**group.model_dump(), "channel_count": count})
+        for group, count in rows[:limit]
+    ]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1][0]
+        key = last.title if sort.endswith("title") else last.created_at
+        next_cursor = encode_cursor(sort, [key, last.id])
+    return CountedPage[GroupSummary](items=items, next_cursor=next_cursor, total=total or 0)
+
+
+@dashboard.post("/groups", response_model=GroupPublic, status_code=201, tags=["groups"])
+async def create_group(
+    body: GroupCreate, session: SessionDep, actor: Editor, response: Response
+) -> GroupPublic:
+    """Protect a group."""
+    group = Group.model_validate(body)
+    session.add(group)
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise conflict(f"group {body.chat_id} already exists") from None
+    audit(session, actor, "group.create", "group", group.chat_id, after=snapshot(group))
+    await session.commit()
+    etag(response, group.version)
+    return await group_public(session, group)
+
+
+@dashboard.get("/groups/{chat_id}", response_model=GroupPublic, tags=["groups"])
+async def read_group(
+    group: GroupDep, session: SessionDep, _: CurrentStaff, response: Response
+) -> GroupPublic:
+    """One group with its settings, required channels and member stats."""
+    etag(response, group.version)
+    return await group_public(session, group)
+
+
+@dashboard.patch("/groups/{chat_id}", response_model=GroupPublic, tags=["groups"])
+async def update_group(
+    chat_id: ChatIdPath,
+    body: GroupUpdate,
+    session: SessionDep,
+    actor: Editor,
+    response: Response,
+    policies: PolicyCacheDep,
+    if_match_header: Annotated[str | None, Header(alias="If-Match")] = None,
+) -> GroupPublic:
+    """Change a group's title, state or settings."""
+    group = await load_group(session, chat_id, lock=True)
+    if_match(if_match_header, group.version)
+    before = snapshot(group)
+    changes = body.model_dump(exclude_unset=True)
+    if changes:
+        for field, value in changes.items():
+            setattr(group, field, value)
+        group.version += 1
+        group.updated_at = utcnow()
+        audit(session, actor, "group.update", "group", chat_id, before, snapshot(group))
+        await session.commit()
+        policies.invalidate(chat_id)
+    etag(response, group.version)
+    return await group_public(session, group)
+
+
+@dashboard.delete("/groups/{chat_id}", status_code=204, tags=["groups"])
+async def delete_group(
+    chat_id: ChatIdPath, session: SessionDep, actor: Editor, policies: PolicyCacheDep
+) -> None:
+    """Stop protecting a group; its verification history stays."""
+    group = await load_group(session, chat_id, lock=True)
+    before = snapshot(group)
+    await session.execute(delete(GroupChannel).where(col(GroupChannel.group_id) == group.id))
+    await session.execute(delete(Member).where(col(Member.chat_id) == chat_id))
+    await session.delete(group)
+    audit(session, actor, "group.delete", "group", chat_id, before=before)
+    await session.commit()
+    policies.invalidate(chat_id)
+
+
+async def link_channel(
+    session: AsyncSession, actor: Principal, chat_id: int, channel_chat_id: int
+) -> tuple[Group, bool]:
+    """Require a channel in a group; returns (group, created). Commits."""
+    group = await load_group(session, chat_id, lock=True)  # serializes links per group
+    channel = await session.scalar(select(Channel).where(col(Channel.chat_id) == channel_chat_id))
+    if channel is None:
+        raise not_found(f"channel {channel_chat_id}")
+    positions = list(
+        await session.scalars(
+            select(col(GroupChannel.channel_id)).where(col(GroupChannel.group_id) == group.id)
+        )
+    )
+    if channel.id in positions:
+        return group, False
+    if len(positions) >= MAX_CHANNELS_PER_GROUP:
+        raise conflict(f"a group can require at most {MAX_CHANNELS_PER_GROUP} channels")
+    position = await session.scalar(
+        select(func.coalesce(func.max(col(GroupChannel.position)), -1) + 1).where(
+            col(GroupChannel.group_id) == group.id
+        )
+    )
+    assert group.id is not None and channel.id is not None
+    session.add(GroupChannel(group_id=group.id, channel_id=channel.id, position=position or 0))
+    group.version += 1
+    group.updated_at = utcnow()
+    audit(
+        session,
+        actor,
+        "group.link_channel",
+        "group",
+        chat_id,
+        after={"channel_id": channel_chat_id, "position": position},
+    )
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()  # linked concurrently by someone else: same end state
+        return await load_group(session, chat_id), False
+    return group, True
+
+
+async def unlink_channel(
+    session: AsyncSession, actor: Principal, chat_id: int, channel_chat_id: int
+) -> None:
+    group = await load_group(session, chat_id, lock=True)
+    channel_id = (
+        select(col(Channel.id)).where(col(Channel.chat_id) == channel_chat_id).scalar_subquery()
+    )
+    result = await session.execute(
+        delete(GroupChannel).where(
+            col(GroupChannel.group_id) == group.id, col(GroupChannel.channel_id) == channel_id
+        )
+    )
+    if not result.rowcount:  # pyrefly: ignore[missing-attribute]
+        raise not_found(f"channel {channel_chat_id} linked to group {chat_id}")
+    group.version += 1
+    group.updated_at = utcnow()
+    audit(
+        session,
+        actor,
+        "group.unlink_channel",
+        "group",
+        chat_id,
+        before={"channel_id": channel_chat_id},
+    )
+    await session.commit()
+
+
+@dashboard.put(
+    "/groups/{chat_id}/channels/{channel_id}",
+    response_model=GroupPublic,
+    responses={201: {"model": GroupPublic, "description": "Linked"}},
+    tags=["groups"],
+)
+async def link_group_channel(
+    chat_id: ChatIdPath,
+    channel_id: ChannelIdPath,
+    session: SessionDep,
+    actor: Editor,
+    response: Response,
+    policies: PolicyCacheDep,
+) -> GroupPublic:
+    """Require a channel in a group (idempotent: 201 when new, 200 when already linked)."""
+    group, created = await link_channel(session, actor, chat_id, channel_id)
+    policies.invalidate(chat_id)
+    response.status_code = 201 if created else 200
+    etag(response, group.version)
+    return await group_public(session, group)
+
+
+@dashboard.delete("/groups/{chat_id}/channels/{channel_id}", status_code=204, tags=["groups"])
+async def unlink_group_channel(
+    chat_id: ChatIdPath,
+    channel_id: ChannelIdPath,
+    session: SessionDep,
+    actor: Editor,
+    policies: PolicyCacheDep,
+) -> None:
+    """Stop requiring a channel in a group."""
+    await unlink_channel(session, actor, chat_id, channel_id)
+    policies.invalidate(chat_id)
+
+
+@dashboard.get("/groups/{chat_id}/members", response_model=Page[MemberPublic], tags=["groups"])
+async def list_members(
+    group: GroupDep,
+    session: SessionDep,
+    _: CurrentStaff,
+    status: Literal["verified", "restricted"] | None = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page[MemberPublic]:
+    """Member verification states of a group, by user id."""
+    stmt = select(Member).where(col(Member.chat_id) == group.chat_id)
+    if status is not None:
+        stmt = stmt.where(col(Member.status) == status)
+    if cursor:
+        (after,) = decode_cursor(cursor, "user_id", [int])
+        stmt = stmt.where(col(Member.user_id) > after)
+    rows = list(await session.scalars(stmt.order_by(col(Member.user_id)).limit(limit + 1)))
+    next_cursor = encode_cursor("user_id", [rows[limit - 1].user_id]) if len(rows) > limit else None
+    items = [MemberPublic.model_validate(m, from_attributes=True) for m in rows[:limit]]
+    return Page[MemberPublic](items=items, next_cursor=next_cursor)
+
+
+# ---------------------------------------------------------------- channels
+
+
+async def load_channel(session: AsyncSession, chat_id: int, *, lock: bool = False) -> Channel:
+    stmt = select(Channel).where(col(Channel.chat_id) == chat_id)
+    channel = await session.scalar(stmt.with_for_update() if lock else stmt)
+    if channel is None:
+        raise not_found(f"channel {chat_id}")
+    return channel
+
+
+def group_count_column() -> Any:
+    return (
+        select(func.count())
+        .where(col(GroupChannel.channel_id) == col(Channel.id))
+        .correlate(Channel)
+        .scalar_subquery()
+        .label("group_count")
+    )
+
+
+async def channel_public(session: AsyncSession, channel: Channel) -> ChannelPublic:
+    groups = (
+        await session.execute(
+            select(col(Group.chat_id), col(Group.title))
+            .join(GroupChannel, col(GroupChannel.group_id) == col(Group.id))
+            .where(col(GroupChannel.channel_id) == channel.id)
+            .order_by(col(Group.chat_id))
+        )
+    ).all()
+    return ChannelPublic.model_validate(
+        {
+            **channel.model_dump(),
+            "group_count": len(groups),
+            "groups": [GroupRef(chat_id=g.chat_id, title=g.title) for g in groups],
+        }
+    )
+
+
+@dashboard.get("/channels", response_model=CountedPage[ChannelSummary], tags=["channels"])
+async def list_channels(
+    session: SessionDep,
+    _: CurrentStaff,
+    q: Search = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> CountedPage[ChannelSummary]:
+    """List channels, newest first."""
+    filters: list[ColumnElement[bool]] = []
+    if q is not None:
+        match = [col(Channel.title).icontains(q, autoescape=True)]
+        match.append(col(Channel.username).icontains(q.removeprefix("@"), autoescape=True))
+        if q.lstrip("-").isdigit() and abs(int(q)) <= INT64:
+            match.append(col(Channel.chat_id) == int(q))
+        filters.append(or_(*match))
+    total = await session.scalar(select(func.count()).select_from(Channel).where(*filters))
+    columns = [col(Channel.created_at), col(Channel.id)]
+    stmt = select(Channel, group_count_column()).where(*filters)
+    if cursor:
+        stmt = stmt.where(
+            keyset(columns, decode_cursor(cursor, "-created_at", [datetime, int]), True)
+        )
+    rows = (await session.execute(stmt.order_by(*order(columns, True)).limit(limit + 1))).all()
+    items = [
+        ChannelSummary.model_validate({**channel.model_dump(), "group_count": count})
+        for channel, count in rows[:limit]
+    ]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1][0]
+        next_cursor = encode_cursor("-created_at", [last.created_at, last.id])
+    return CountedPage[ChannelSummary](items=items, next_cursor=next_cursor, total=total or 0)
+
+
+@dashboard.post("/channels", response_model=ChannelPublic, status_code=201, tags=["channels"])
+async def create_channel(
+    body: ChannelCreate, session: SessionDep, actor: Editor, response: Response
+) -> ChannelPublic:
+    """Register a channel that groups can require."""
+    channel = Channel.model_validate(body)
+    session.add(channel)
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise conflict(f"channel {body.chat_id} already exists") from None
+    audit(session, actor, "channel.create", "channel", channel.chat_id, after=snapshot(channel))
+    await session.commit()
+    etag(response, channel.version)
+    return await channel_public(session, channel)
+
+
+@dashboard.get("/channels/{chat_id}", response_model=ChannelPublic, tags=["channels"])
+async def read_channel(
+    chat_id: ChatIdPath, session: SessionDep, _: CurrentStaff, response: Response
+) -> ChannelPublic:
+    """One channel and the groups that require it."""
+    channel = await load_channel(session, chat_id)
+    etag(response, channel.version)
+    return await channel_public(session, channel)
+
+
+async def apply_channel_changes(
+    session: AsyncSession,
+    actor: Principal,
+    channel: Channel,
+    changes: dict[str, Any],
+    action: str = "channel.update",
+) -> list[int]:
+    """Set fields on a channel, bump versions, audit; returns chat ids of affected groups."""
+    changes = {k: v for k, v in changes.items() if getattr(channel, k) != v}
+    if not changes:
+        return []
+    before = snapshot(channel)
+    for field, value in changes.items():
+        setattr(channel, field, value)
+    channel.version += 1
+    channel.updated_at = utcnow()
+    assert channel.id is not None
+    affected = await bump_groups_linked_to(session, channel.id)
+    audit(session, actor, action, "channel", channel.chat_id, before, snapshot(channel))
+    return affected
+
+
+@dashboard.patch("/channels/{chat_id}", response_model=ChannelPublic, tags=["channels"])
+async def update_channel(
+    chat_id: ChatIdPath,
+    body: ChannelUpdate,
+    session: SessionDep,
+    actor: Editor,
+    response: Response,
+    policies: PolicyCacheDep,
+    if_match_header: Annotated[str | None, Header(alias="If-Match")] = None,
+) -> ChannelPublic:
+    """Change a channel's title, username or invite link."""
+    channel = await load_channel(session, chat_id, lock=True)
+    if_match(if_match_header, channel.version)
+    affected = await apply_channel_changes(
+        session, actor, channel, body.model_dump(exclude_unset=True)
+    )
+    await session.commit()
+    policies.invalidate(*affected)
+    etag(response, channel.version)
+    return await channel_public(session, channel)
+
+
+@dashboard.delete("/channels/{chat_id}", status_code=204, tags=["channels"])
+async def delete_channel(
+    chat_id: ChatIdPath,
+    session: SessionDep,
+    actor: Editor,
+    policies: PolicyCacheDep,
+    force: bool = False,
+) -> None:
+    """Forget a channel; 409 while groups require it, unless force=true unlinks it first."""
+    channel = await load_channel(session, chat_id, lock=True)
+    assert channel.id is not None
+    affected = await bump_groups_linked_to(session, channel.id)
+    if affected and not force:
+        raise conflict(
+            f"channel {chat_id} is required by {len(affected)} group(s); "
+            "unlink it first or pass force=true"
+        )
+    before = snapshot(channel)
+    await session.execute(delete(GroupChannel).where(col(GroupChannel.channel_id) == channel.id))
+    await session.delete(channel)
+    audit(
+        session,
+        actor,
+        "channel.delete",
+        "channel",
+        chat_id,
+        before={**before, "unlinked_from": sorted(affected)},
+    )
+    await session.commit()
+    policies.invalidate(*affected)
+
+
+# ---------------------------------------------------------------- me, staff
+
+
+@dashboard.get("/me", response_model=Me, tags=["staff"])
+async def read_me(staff: CurrentStaff) -> Me:
+    """Who the token belongs to, and their role."""
+    assert staff.role is not None
+    return Me(user_id=uuid.UUID(staff.id), email=staff.name, role=staff.role, aal=staff.aal)
+
+
+def env_owner_ids(request: Request) -> set[str]:
+    return request.app.state.auth.owner_ids
+
+
+@dashboard.get("/staff", response_model=CountedPage[StaffPublic], tags=["staff"])
+async def list_staff(request: Request, session: SessionDep, _: Owner) -> CountedPage[StaffPublic]:
+    """Everyone who can use the dashboard, with their role."""
+    env_owners = env_owner_ids(request)
+    rows = list(await session.scalars(select(Staff).order_by(col(Staff.created_at), col(Staff.id))))
+    items = [
+        StaffPublic(
+            user_id=uuid.UUID(u), email=None, role="owner", created_at=None, source="environment"
+        )
+        for u in sorted(env_owners - {str(s.user_id) for s in rows})
+    ]
+    for s in rows:
+        from_env = str(s.user_id) in env_owners
+        items.append(
+            StaffPublic(
+                user_id=s.user_id,
+                email=s.email,
+                role="owner" if from_env else s.role,
+                created_at=s.created_at,
+                source="environment" if from_env else "database",
+            )
+        )
+    return CountedPage[StaffPublic](items=items, next_cursor=None, total=len(items))
+
+
+async def other_owner_exists(
+    session: AsyncSession, env_owners: set[str], user_id: uuid.UUID
+) -> bool:
+    # Lock the owner rows so two owners demoting each other cannot both succeed.
+    owners = await session.scalars(
+        select(col(Staff.user_id)).where(col(Staff.role) == "owner").with_for_update()
+    )
+    return bool((env_owners | {str(u) for u in owners}) - {str(user_id)})
+
+
+@dashboard.put(
+    "/staff/{user_id}",
+    response_model=StaffPublic,
+    responses={201: {"model": StaffPublic, "description": "Added"}},
+    tags=["staff"],
+)
+async def put_staff(
+    user_id: uuid.UUID,
+    body: StaffPut,
+    request: Request,
+    session: SessionDep,
+    actor: Owner,
+    response: Response,
+) -> StaffPublic:
+    """Add a staff member or change their role (201 when added, 200 when changed)."""
+    env_owners = env_owner_ids(request)
+    if str(user_id) in env_owners and body.role != "owner":
+        raise conflict("this user is an owner through OWNER_USER_IDS; change it there")
+    staff = await session.scalar(
+        select(Staff).where(col(Staff.user_id) == user_id).with_for_update()
+    )
+    demoting = staff is not None and staff.role == "owner" and body.role != "owner"
+    if demoting and not await other_owner_exists(session, env_owners, user_id):
+        raise conflict("this would leave no owner")
+    before = snapshot(staff) if staff else None
+    if staff is None:
+        staff = Staff(user_id=user_id, email=body.email, role=body.role)
+        session.add(staff)
+        response.status_code = 201
+    else:
+        if "email" in body.model_fields_set:
+            staff.email = body.email
+        staff.role = body.role
+        staff.updated_at = utcnow()
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise conflict("this user was added concurrently; retry") from None
+    audit(session, actor, "staff.put", "staff", user_id, before, snapshot(staff))
+    await session.commit()
+    return StaffPublic(
+        user_id=staff.user_id,
+        email=staff.email,
+        role=staff.role,
+        created_at=staff.created_at,
+        source="environment" if str(user_id) in env_owners else "database",
+    )
+
+
+@dashboard.delete("/staff/{user_id}", status_code=204, tags=["staff"])
+async def delete_staff(
+    user_id: uuid.UUID, request: Request, session: SessionDep, actor: Owner
+) -> None:
+    """Remove a staff member."""
+    env_owners = env_owner_ids(request)
+    if str(user_id) in env_owners:
+        raise conflict("this user is an owner through OWNER_USER_IDS; remove them there")
+    staff = await session.scalar(
+        select(Staff).where(col(Staff.user_id) == user_id).with_for_update()
+    )
+    if staff is None:
+        raise not_found(f"staff member {user_id}")
+    if staff.role == "owner" and not await other_owner_exists(session, env_owners, user_id):
+        raise conflict("this is the last owner")
+    audit(session, actor, "staff.delete", "staff", user_id, before=snapshot(staff))
+    await session.delete(staff)
+    await session.commit()
+
+
+# ---------------------------------------------------------------- bot keys
+
+
+@dashboard.get("/bot-keys", response_model=CountedPage[BotKeyPublic], tags=["bot keys"])
+async def list_bot_keys(
+    session: SessionDep, _: Owner, limit: Limit = 50, cursor: Cursor = None
+) -> CountedPage[BotKeyPublic]:
+    """Bot API keys, newest first (never the key itself)."""
+    total = await session.scalar(select(func.count()).select_from(BotKey))
+    stmt = select(BotKey)
+    if cursor:
+        (after,) = decode_cursor(cursor, "-id", [int])
+        stmt = stmt.where(col(BotKey.id) < after)
+    rows = list(await session.scalars(stmt.order_by(col(BotKey.id).desc()).limit(limit + 1)))
+    next_cursor = encode_cursor("-id", [rows[limit - 1].id]) if len(rows) > limit else None
+    items = [BotKeyPublic.model_validate(k, from_attributes=True) for k in rows[:limit]]
+    return CountedPage[BotKeyPublic](items=items, next_cursor=next_cursor, total=total or 0)
+
+
+async def create_key(session: AsyncSession, actor: Principal, name: str) -> BotKeyCreated:
+    key = new_bot_key()
+    row = BotKey(name=name, prefix=key[:12], key_hash=hash_key(key))
+    session.add(row)
+    await session.flush()
+    audit(session, actor, "bot_key.create", "bot_key", row.id, after=snapshot(row, {"key_hash"}))
+    await session.commit()
+    assert row.id is not None
+    return BotKeyCreated(
+        id=row.id, name=row.name, prefix=row.prefix, key=key, created_at=row.created_at
+    )
+
+
+@dashboard.post("/bot-keys", response_model=BotKeyCreated, status_code=201, tags=["bot keys"])
+async def create_bot_key(body: BotKeyCreate, session: SessionDep, actor: Owner) -> BotKeyCreated:
+    """Create a bot API key; the response is the only time the key is shown."""
+    return await create_key(session, actor, body.name)
+
+
+@dashboard.delete("/bot-keys/{key_id}", status_code=204, tags=["bot keys"])
+async def revoke_bot_key(
+    key_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    request: Request,
+    session: SessionDep,
+    actor: Owner,
+) -> None:
+    """Revoke a bot key: it stops working within seconds on every replica."""
+    row = await session.scalar(select(BotKey).where(col(BotKey.id) == key_id).with_for_update())
+    if row is None:
+        raise not_found(f"bot key {key_id}")
+    if row.revoked_at is None:
+        before = snapshot(row, {"key_hash"})
+        row.revoked_at = utcnow()
+        audit(
+            session, actor, "bot_key.revoke", "bot_key", key_id, before, snapshot(row, {"key_hash"})
+        )
+        await session.commit()
+    request.app.state.auth.bot_keys.invalidate(row.key_hash)
+
+
+# ---------------------------------------------------------------- audit
+
+
+@dashboard.get("/audit", response_model=Page[AuditPublic], tags=["audit"])
+async def list_audit(
+    session: SessionDep,
+    _: Owner,
+    actor: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    resource: Annotated[str | None, Query(max_length=32)] = None,
+    since: Since = None,
+    until: Until = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page[AuditPublic]:
+    """The audit log, newest first."""
+    stmt = select(AuditLog)
+    if actor is not None:
+        stmt = stmt.where(col(AuditLog.actor_id) == actor)
+    if action is not None:
+        stmt = stmt.where(col(AuditLog.action) == action)
+    if resource is not None:
+        stmt = stmt.where(col(AuditLog.resource) == resource)
+    if (since := aware(since, "since")) is not None:
+        stmt = stmt.where(col(AuditLog.at) >= since)
+    if (until := aware(until, "until")) is not None:
+        stmt = stmt.where(col(AuditLog.at) < until)
+    columns = [col(AuditLog.at), col(AuditLog.id)]
+    if cursor:
+        stmt = stmt.where(keyset(columns, decode_cursor(cursor, "-at", [datetime, int]), True))
+    rows = list(await session.scalars(stmt.order_by(*order(columns, True)).limit(limit + 1)))
+    next_cursor = (
+        encode_cursor("-at", [rows[limit - 1].at, rows[limit - 1].id])
+        if len(rows) > limit
+        else None
+    )
+    return Page[AuditPublic](items=[audit_public(a) for a in rows[:limit]], next_cursor=next_cursor)
+
+
+def audit_public(row: AuditLog) -> AuditPublic:
+    assert row.id is not None
+    return AuditPublic(
+        id=row.id,
+        at=row.at,
+        actor=Actor(kind=row.actor_kind, id=row.actor_id, name=row.actor_name),
+        action=row.action,
+        resource=row.resource,
+        resource_id=row.resource_id,
+        before=row.before,
+        after=row.after,
+        request_id=row.request_id,
+    )
+
+
+# ---------------------------------------------------------------- service
+
+
+@service.get("/healthz", tags=["service"])
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@service.get("/readyz", tags=["service"], responses={503: {"description": "Database down"}})
+async def readyz(session: SessionDep) -> dict[str, str]:
+    """The database answers."""
+    await session.execute(text("SELECT 1"))
+    return {"status": "ok"}

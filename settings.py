@@ -1,0 +1,101 @@
+"""Every environment variable the service reads, with its default and validation."""
+
+from functools import lru_cache
+from typing import Annotated, Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOCAL_SUPABASE_URL = "http://127.0.0.1:54321"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    database_url: str = "sqlite+aiosqlite:///./channelgate.db"
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    auto_migrate: bool | None = None  # None: on for SQLite, off for PostgreSQL
+
+    supabase_url: str = ""
+    supabase_jwks_url: str = ""
+    supabase_jwt_secret: str = ""
+    supabase_jwt_issuer: str = ""
+    supabase_jwt_audience: str = "authenticated"
+
+    owner_user_ids: Annotated[list[str], NoDecode] = []
+    require_aal2_for_owners: bool = False
+    bot_api_keys: Annotated[list[str], NoDecode] = []
+
+    cors_origins: Annotated[list[str], NoDecode] = []
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    environment: Literal["development", "test", "production"] = "development"
+    metrics_enabled: bool = False
+    retention_days: int = Field(default=90, ge=1, le=3650)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_lists(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in ("owner_user_ids", "bot_api_keys", "cors_origins"):
+                for variant in (key, key.upper()):
+                    if variant in data:
+                        data[variant] = _split_csv(data[variant])
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        url = self.database_url
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                object.__setattr__(
+                    self, "database_url", "postgresql+asyncpg://" + url.removeprefix(prefix)
+                )
+        if self.supabase_url:
+            object.__setattr__(self, "supabase_url", self.supabase_url.rstrip("/"))
+        for name_key in self.bot_api_keys:
+            name, sep, key = name_key.partition(":")
+            if not sep or not name or not key.startswith("cgk_") or len(key) != 47:
+                raise ValueError("BOT_API_KEYS entries must be name:cgk_<43 url-safe chars>")
+        if self.environment == "production" and not (self.jwks_url or self.supabase_jwt_secret):
+            raise ValueError(
+                "production needs SUPABASE_URL, SUPABASE_JWKS_URL or SUPABASE_JWT_SECRET "
+                "to verify dashboard tokens"
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @property
+    def jwks_url(self) -> str:
+        if self.supabase_jwks_url:
+            return self.supabase_jwks_url
+        return f"{self.supabase_url}/auth/v1/.well-known/jwks.json" if self.supabase_url else ""
+
+    @property
+    def jwt_issuer(self) -> str:
+        if self.supabase_jwt_issuer:
+            return self.supabase_jwt_issuer
+        # Without SUPABASE_URL: the issuer of a local `supabase start` stack (and of dev-token).
+        return f"{self.supabase_url or LOCAL_SUPABASE_URL}/auth/v1"
+
+    @property
+    def env_bot_keys(self) -> dict[str, str]:
+        """name -> key, from BOT_API_KEYS."""
+        return dict(item.split(":", 1) for item in self.bot_api_keys)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
