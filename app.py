@@ -1,5 +1,7 @@
 """`create_app()`: lifespan, middleware, problem+json errors, routers. `app = create_app()`."""
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -23,8 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from auth import AuthState
-from db import Database
-from routes import PolicyCache, dashboard, service
+from db import POLICY_CHANNEL, Database, Listener
+from routes import PolicyCache, bot, dashboard, service
 from settings import Settings, get_settings
 
 Scope = MutableMapping[str, Any]
@@ -268,6 +270,10 @@ async def migrate(db: Database) -> None:
         await connection.run_sync(upgrade)
 
 
+def parse_ids(payload: str) -> list[int]:
+    return [int(part) for part in payload.split(",") if part.lstrip("-").isdigit()]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -277,13 +283,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = Database(settings)
         if settings.should_auto_migrate:
             await migrate(db)
+        policies = PolicyCache()
+        listener_task = None
+        if db.is_postgres:
+            listener = Listener(
+                settings.database_url,
+                {POLICY_CHANNEL: lambda payload: policies.invalidate(*parse_ids(payload))},
+                on_reconnect=policies.clear,
+            )
+            listener_task = asyncio.create_task(listener.run(), name="channelgate-listener")
         async with httpx.AsyncClient(timeout=5.0) as http:
             app.state.db = db
             app.state.auth = AuthState(settings, http)
-            app.state.policies = PolicyCache()
+            app.state.policies = policies
             try:
                 yield
             finally:
+                if listener_task is not None:
+                    listener_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await listener_task
                 await db.dispose()
 
     app = FastAPI(
@@ -300,6 +319,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(error_type, database_unavailable)
     app.include_router(service)
     app.include_router(dashboard)
+    app.include_router(bot)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

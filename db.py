@@ -1,10 +1,12 @@
 """The async engine, the session factory, `SessionDep` and the PostgreSQL/SQLite helpers."""
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import event
+from sqlalchemy import event, func, make_url, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -14,6 +16,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from settings import Settings
+
+log = logging.getLogger("channelgate.db")
 
 
 def make_engine(settings: Settings) -> AsyncEngine:
@@ -74,3 +78,58 @@ def upsert(session: AsyncSession, table: Any) -> Any:
     """`INSERT` with `on_conflict_do_*` for the session's dialect (both speak the same API)."""
     dialect = session.bind.dialect.name if session.bind else "sqlite"
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+POLICY_CHANNEL = "channelgate_policy"
+
+
+async def notify(session: AsyncSession, channel: str, payload: str) -> None:
+    """pg_notify inside the session's transaction: delivered to every replica on commit.
+    (SQLite has one process, nothing to tell.)"""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        await session.execute(select(func.pg_notify(channel, payload)))
+
+
+class Listener:
+    """One dedicated PostgreSQL connection that LISTENs for cross-replica notifications and
+    hands each payload to its channel's handler. Reconnects forever; after a reconnect it calls
+    `on_reconnect`, since notifications sent while it was away are lost."""
+
+    def __init__(
+        self,
+        database_url: str,
+        handlers: dict[str, Callable[[str], None]],
+        on_reconnect: Callable[[], None],
+    ) -> None:
+        self.dsn = make_url(database_url).set(drivername="postgresql").render_as_string(False)
+        self.handlers = handlers
+        self.on_reconnect = on_reconnect
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        import asyncpg
+
+        while True:
+            connection = None
+            try:
+                connection = await asyncpg.connect(self.dsn, timeout=5)
+                closed = asyncio.Event()
+                connection.add_termination_listener(lambda _, done=closed: done.set())
+                for channel, handler in self.handlers.items():
+                    await connection.add_listener(
+                        channel, lambda _c, _p, _ch, payload, h=handler: h(payload)
+                    )
+                self.on_reconnect()
+                self.connected.set()
+                while not closed.is_set():
+                    try:
+                        await asyncio.wait_for(closed.wait(), timeout=30)
+                    except TimeoutError:  # a silent network failure never closes the socket
+                        await connection.fetchval("SELECT 1", timeout=5)
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                log.warning("LISTEN connection failed: %r; retrying", exc)
+            finally:
+                self.connected.clear()
+                if connection is not None and not connection.is_closed():
+                    await connection.close(timeout=2)
+            await asyncio.sleep(2)

@@ -5,11 +5,19 @@ Constraints are declared once, as annotated types, and drive both the DDL and th
 
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Self
 
 from annotated_types import Interval, Len
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BeforeValidator,
+    ConfigDict,
+    FiniteFloat,
+    StringConstraints,
+    model_validator,
+)
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -469,9 +477,10 @@ class AuditPublic(SQLModel):
 
 # ---------------------------------------------------------------- bot: members, log, instances
 
+MAX_CLOCK_SKEW = timedelta(minutes=5)
 Result = Literal["passed", "blocked", "error"]
 Trigger = Literal["message", "join", "button", "channel_leave", "recheck"]
-MemberStatus = Literal["verified", "restricted"]
+MemberStatus = Literal["verified", "restricted", "unknown"]  # unknown: only errors so far
 
 
 class Member(SQLModel, table=True):
@@ -503,7 +512,7 @@ class MemberPublic(SQLModel):
 
 
 class MemberState(SQLModel):
-    status: Literal["verified", "restricted", "unknown"]
+    status: MemberStatus
     verified_at: datetime | None
     restricted_at: datetime | None
     fresh_until: datetime | None
@@ -544,7 +553,13 @@ class VerificationIn(Request):
     cached: bool = False
     latency_ms: Annotated[int, Interval(ge=0, le=600_000)] = 0
     error: Annotated[str, StringConstraints(max_length=200)] | None = None
-    occurred_at: datetime
+    occurred_at: AwareDatetime
+
+    @model_validator(mode="after")
+    def _not_in_future(self) -> Self:
+        if self.occurred_at > utcnow() + MAX_CLOCK_SKEW:
+            raise ValueError("occurred_at is more than 5 minutes in the future")
+        return self
 
 
 class VerificationBatch(Request):
@@ -571,6 +586,42 @@ class VerificationPublic(SQLModel):
     received_at: datetime
 
 
+class BotGroupPut(Request):
+    title: Title
+    username: Username | None = None
+    member_count: Count | None = None
+    added_by_user_id: UserId | None = None
+
+
+class BotChannelPut(Request):
+    title: Title
+    username: Username | None = None
+    invite_link: InviteLink | None = None
+    subscriber_count: Count | None = None
+
+
+class GroupMigrate(Request):
+    new_chat_id: GroupChatId
+
+
+class ChatRef(SQLModel):
+    chat_id: int
+
+
+class ChatRefList(SQLModel):
+    items: list[ChatRef]
+
+
+StatName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class Heartbeat(Request):
+    instance_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
+    version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    started_at: AwareDatetime
+    stats: Annotated[dict[StatName, FiniteFloat], Len(max_length=50)] = {}
+
+
 class BotInstance(SQLModel, table=True):
     __tablename__ = "bot_instances"  # pyrefly: ignore[bad-override]
 
@@ -581,6 +632,16 @@ class BotInstance(SQLModel, table=True):
     started_at: datetime = Field(sa_type=UTCDateTime)
     last_seen_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     stats: dict[str, float] = Field(default_factory=dict, sa_type=JSONType)
+
+
+class BotInstancePublic(SQLModel):
+    instance_id: str
+    key_name: str
+    version: str
+    started_at: datetime
+    last_seen_at: datetime
+    online: bool
+    stats: dict[str, float]
 
 
 # ---------------------------------------------------------------- pages

@@ -15,40 +15,56 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from auth import CurrentStaff, Editor, Owner, Principal, hash_key, new_bot_key
-from db import SessionDep
+from auth import BotCaller, CurrentStaff, Editor, Owner, Principal, hash_key, new_bot_key
+from db import POLICY_CHANNEL, Database, SessionDep, notify, upsert
+from ingest import MemberDelta, ingest, local_status
 from models import (
     MAX_CHANNELS_PER_GROUP,
+    SETTING_FIELDS,
     Actor,
     AuditLog,
     AuditPublic,
+    BotChannelPut,
+    BotGroupPut,
+    BotInstance,
+    BotInstancePublic,
     BotKey,
     BotKeyCreate,
     BotKeyCreated,
     BotKeyPublic,
     Channel,
+    ChannelChatId,
     ChannelCreate,
     ChannelPublic,
     ChannelRef,
     ChannelSummary,
     ChannelUpdate,
+    ChatRef,
+    ChatRefList,
     CountedPage,
     Group,
     GroupChannel,
+    GroupChatId,
     GroupCreate,
+    GroupMigrate,
     GroupPublic,
     GroupRef,
     GroupStats,
     GroupSummary,
     GroupUpdate,
+    Heartbeat,
+    IngestResult,
     Me,
     Member,
     MemberPublic,
+    MemberState,
     Page,
+    Policy,
     Staff,
     StaffPublic,
     StaffPut,
     Verification,
+    VerificationBatch,
     utcnow,
 )
 
@@ -62,6 +78,10 @@ Since = Annotated[datetime | None, Query()]
 Until = Annotated[datetime | None, Query()]
 
 dashboard = APIRouter(prefix="/api/v1")
+HEARTBEAT_SECONDS = 30
+DEFAULT_RECHECK_SECONDS = 600
+NewGroupIdPath = Annotated[GroupChatId, Path()]
+NewChannelIdPath = Annotated[ChannelChatId, Path()]
 service = APIRouter()
 
 
@@ -166,22 +186,43 @@ def audit(
 
 
 class PolicyCache:
-    """chat id -> serialized policy. Invalidated after every committed change that touches a
-    group, its links or a linked channel."""
+    """chat id -> (serialized policy, ETag), or None for "no such group". Entries are dropped
+    after every committed change to a group, its links or a linked channel (here at once, on
+    other replicas through NOTIFY); the generation counter keeps a read that raced a change
+    from caching what it read."""
 
     def __init__(self) -> None:
-        self.entries: dict[int, tuple[bytes, str]] = {}
+        self.entries: dict[int, tuple[bytes, str] | None] = {}
+        self.generation = 0
 
     def invalidate(self, *chat_ids: int) -> None:
+        self.generation += 1
         for chat_id in chat_ids:
             self.entries.pop(chat_id, None)
 
     def clear(self) -> None:
+        self.generation += 1
         self.entries.clear()
+
+    def put(self, chat_id: int, entry: tuple[bytes, str] | None, generation: int) -> None:
+        if generation == self.generation:
+            if len(self.entries) >= 100_000:
+                self.entries.clear()
+            self.entries[chat_id] = entry
 
 
 def policy_cache(request: Request) -> PolicyCache:
     return request.app.state.policies
+
+
+async def commit_policy_change(
+    session: AsyncSession, policies: PolicyCache, *chat_ids: int
+) -> None:
+    """Commit a change to the policies of these groups and drop them from every cache."""
+    if chat_ids:
+        await notify(session, POLICY_CHANNEL, ",".join(map(str, chat_ids)))
+    await session.commit()
+    policies.invalidate(*chat_ids)
 
 
 PolicyCacheDep = Annotated[PolicyCache, Depends(policy_cache)]
@@ -323,7 +364,11 @@ async def list_groups(
 
 @dashboard.post("/groups", response_model=GroupPublic, status_code=201, tags=["groups"])
 async def create_group(
-    body: GroupCreate, session: SessionDep, actor: Editor, response: Response
+    body: GroupCreate,
+    session: SessionDep,
+    actor: Editor,
+    response: Response,
+    policies: PolicyCacheDep,
 ) -> GroupPublic:
     """Protect a group."""
     group = Group.model_validate(body)
@@ -333,7 +378,7 @@ async def create_group(
     except IntegrityError:
         raise conflict(f"group {body.chat_id} already exists") from None
     audit(session, actor, "group.create", "group", group.chat_id, after=snapshot(group))
-    await session.commit()
+    await commit_policy_change(session, policies, group.chat_id)
     etag(response, group.version)
     return await group_public(session, group)
 
@@ -368,8 +413,7 @@ async def update_group(
         group.version += 1
         group.updated_at = utcnow()
         audit(session, actor, "group.update", "group", chat_id, before, snapshot(group))
-        await session.commit()
-        policies.invalidate(chat_id)
+        await commit_policy_change(session, policies, chat_id)
     etag(response, group.version)
     return await group_public(session, group)
 
@@ -385,12 +429,15 @@ async def delete_group(
     await session.execute(delete(Member).where(col(Member.chat_id) == chat_id))
     await session.delete(group)
     audit(session, actor, "group.delete", "group", chat_id, before=before)
-    await session.commit()
-    policies.invalidate(chat_id)
+    await commit_policy_change(session, policies, chat_id)
 
 
 async def link_channel(
-    session: AsyncSession, actor: Principal, chat_id: int, channel_chat_id: int
+    session: AsyncSession,
+    policies: PolicyCache,
+    actor: Principal,
+    chat_id: int,
+    channel_chat_id: int,
 ) -> tuple[Group, bool]:
     """Require a channel in a group; returns (group, created). Commits."""
     group = await load_group(session, chat_id, lock=True)  # serializes links per group
@@ -424,7 +471,7 @@ async def link_channel(
         after={"channel_id": channel_chat_id, "position": position},
     )
     try:
-        await session.commit()
+        await commit_policy_change(session, policies, chat_id)
     except IntegrityError:
         await session.rollback()  # linked concurrently by someone else: same end state
         return await load_group(session, chat_id), False
@@ -432,7 +479,11 @@ async def link_channel(
 
 
 async def unlink_channel(
-    session: AsyncSession, actor: Principal, chat_id: int, channel_chat_id: int
+    session: AsyncSession,
+    policies: PolicyCache,
+    actor: Principal,
+    chat_id: int,
+    channel_chat_id: int,
 ) -> None:
     group = await load_group(session, chat_id, lock=True)
     channel_id = (
@@ -455,7 +506,7 @@ async def unlink_channel(
         chat_id,
         before={"channel_id": channel_chat_id},
     )
-    await session.commit()
+    await commit_policy_change(session, policies, chat_id)
 
 
 @dashboard.put(
@@ -473,8 +524,7 @@ async def link_group_channel(
     policies: PolicyCacheDep,
 ) -> GroupPublic:
     """Require a channel in a group (idempotent: 201 when new, 200 when already linked)."""
-    group, created = await link_channel(session, actor, chat_id, channel_id)
-    policies.invalidate(chat_id)
+    group, created = await link_channel(session, policies, actor, chat_id, channel_id)
     response.status_code = 201 if created else 200
     etag(response, group.version)
     return await group_public(session, group)
@@ -489,8 +539,7 @@ async def unlink_group_channel(
     policies: PolicyCacheDep,
 ) -> None:
     """Stop requiring a channel in a group."""
-    await unlink_channel(session, actor, chat_id, channel_id)
-    policies.invalidate(chat_id)
+    await unlink_channel(session, policies, actor, chat_id, channel_id)
 
 
 @dashboard.get("/groups/{chat_id}/members", response_model=Page[MemberPublic], tags=["groups"])
@@ -654,8 +703,7 @@ async def update_channel(
     affected = await apply_channel_changes(
         session, actor, channel, body.model_dump(exclude_unset=True)
     )
-    await session.commit()
-    policies.invalidate(*affected)
+    await commit_policy_change(session, policies, *affected)
     etag(response, channel.version)
     return await channel_public(session, channel)
 
@@ -688,8 +736,7 @@ async def delete_channel(
         chat_id,
         before={**before, "unlinked_from": sorted(affected)},
     )
-    await session.commit()
-    policies.invalidate(*affected)
+    await commit_policy_change(session, policies, *affected)
 
 
 # ---------------------------------------------------------------- me, staff
@@ -921,6 +968,351 @@ def audit_public(row: AuditLog) -> AuditPublic:
         after=row.after,
         request_id=row.request_id,
     )
+
+
+# ---------------------------------------------------------------- bot
+
+
+bot = APIRouter(prefix="/api/v1/bot", tags=["bot"])
+NOT_MODIFIED = {304: {"description": "Not modified (If-None-Match)"}}
+
+
+async def build_policy(db: Database, chat_id: int) -> tuple[bytes, str] | None:
+    async with db.sessionmaker() as session:
+        group = await session.scalar(select(Group).where(col(Group.chat_id) == chat_id))
+        if group is None:
+            return None
+        assert group.id is not None
+        policy = Policy.model_validate(
+            {
+                **group.model_dump(include=set(SETTING_FIELDS)),
+                "chat_id": group.chat_id,
+                "active": group.is_active,
+                "version": group.version,
+                "channels": await linked_channels(session, group.id),
+            }
+        )
+    # The row id makes a deleted-and-recreated group's ETag differ from the old one.
+    return policy.model_dump_json().encode(), f'"{group.id}.{group.version}"'
+
+
+async def cached_policy(request: Request, chat_id: int) -> tuple[bytes, str] | None:
+    policies: PolicyCache = request.app.state.policies
+    try:
+        return policies.entries[chat_id]
+    except KeyError:
+        generation = policies.generation
+        entry = await build_policy(request.app.state.db, chat_id)
+        policies.put(chat_id, entry, generation)
+        return entry
+
+
+def policy_response(entry: tuple[bytes, str] | None, chat_id: int, status: int = 200) -> Response:
+    if entry is None:
+        raise not_found(f"group {chat_id}")
+    body, tag = entry
+    return Response(body, status, headers={"ETag": tag}, media_type="application/json")
+
+
+@bot.get(
+    "/groups/{chat_id}/policy",
+    response_model=Policy,
+    responses={**NOT_MODIFIED, 404: {"description": "Unknown group"}},
+)
+async def read_policy(
+    chat_id: ChatIdPath,
+    request: Request,
+    _: BotCaller,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> Response:
+    """The policy for one group: the hot path, called for every message."""
+    entry = await cached_policy(request, chat_id)
+    if entry is not None and if_none_match is not None:
+        tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+        if entry[1] in tags or "*" in tags:
+            return Response(status_code=304, headers={"ETag": entry[1]})
+    return policy_response(entry, chat_id)
+
+
+@bot.put(
+    "/groups/{chat_id}",
+    response_model=Policy,
+    responses={201: {"model": Policy, "description": "Registered"}},
+)
+async def register_group(
+    chat_id: NewGroupIdPath,
+    body: BotGroupPut,
+    request: Request,
+    session: SessionDep,
+    actor: BotCaller,
+    policies: PolicyCacheDep,
+) -> Response:
+    """The bot was added to (or saw) a group: create it with defaults, or refresh its title."""
+    group = await session.scalar(
+        select(Group).where(col(Group.chat_id) == chat_id).with_for_update()
+    )
+    created = group is None
+    if group is None:
+        group = Group.model_validate({"chat_id": chat_id, **body.model_dump(exclude_unset=True)})
+        session.add(group)
+        try:
+            await session.flush()
+        except IntegrityError:  # registered concurrently by another replica
+            await session.rollback()
+            return policy_response(await cached_policy(request, chat_id), chat_id)
+        audit(session, actor, "group.register", "group", chat_id, after=snapshot(group))
+    else:
+        before = snapshot(group)
+        changes = body.model_dump(exclude_unset=True)
+        telemetry = {
+            k: changes.pop(k) for k in ("member_count", "added_by_user_id") if k in changes
+        }
+        for field, value in telemetry.items():
+            setattr(group, field, value)
+        changes = {k: v for k, v in changes.items() if getattr(group, k) != v}
+        if changes:
+            for field, value in changes.items():
+                setattr(group, field, value)
+            group.version += 1
+            group.updated_at = utcnow()
+            audit(session, actor, "group.update", "group", chat_id, before, snapshot(group))
+    await commit_policy_change(session, policies, chat_id)
+    return policy_response(await cached_policy(request, chat_id), chat_id, 201 if created else 200)
+
+
+@bot.put(
+    "/channels/{chat_id}",
+    response_model=ChannelPublic,
+    responses={201: {"model": ChannelPublic, "description": "Registered"}},
+)
+async def register_channel(
+    chat_id: NewChannelIdPath,
+    body: BotChannelPut,
+    session: SessionDep,
+    actor: BotCaller,
+    response: Response,
+    policies: PolicyCacheDep,
+) -> ChannelPublic:
+    """Create or refresh a channel's metadata."""
+    channel = await session.scalar(
+        select(Channel).where(col(Channel.chat_id) == chat_id).with_for_update()
+    )
+    affected: list[int] = []
+    if channel is None:
+        channel = Channel.model_validate(
+            {"chat_id": chat_id, **body.model_dump(exclude_unset=True)}
+        )
+        session.add(channel)
+        try:
+            await session.flush()
+        except IntegrityError:
+            raise conflict(f"channel {chat_id} was registered concurrently; retry") from None
+        audit(session, actor, "channel.register", "channel", chat_id, after=snapshot(channel))
+        response.status_code = 201
+    else:
+        changes = body.model_dump(exclude_unset=True)
+        if "subscriber_count" in changes:
+            channel.subscriber_count = changes.pop("subscriber_count")
+        affected = await apply_channel_changes(session, actor, channel, changes)
+    await commit_policy_change(session, policies, *affected)
+    etag(response, channel.version)
+    return await channel_public(session, channel)
+
+
+@bot.put(
+    "/groups/{chat_id}/channels/{channel_id}",
+    response_model=Policy,
+    responses={201: {"model": Policy, "description": "Linked"}},
+)
+async def bot_link_channel(
+    chat_id: ChatIdPath,
+    channel_id: ChannelIdPath,
+    request: Request,
+    session: SessionDep,
+    actor: BotCaller,
+    policies: PolicyCacheDep,
+) -> Response:
+    """Require a channel in a group (the in-chat "protect @channel" command)."""
+    _, created = await link_channel(session, policies, actor, chat_id, channel_id)
+    return policy_response(await cached_policy(request, chat_id), chat_id, 201 if created else 200)
+
+
+@bot.delete("/groups/{chat_id}/channels/{channel_id}", status_code=204)
+async def bot_unlink_channel(
+    chat_id: ChatIdPath,
+    channel_id: ChannelIdPath,
+    session: SessionDep,
+    actor: BotCaller,
+    policies: PolicyCacheDep,
+) -> None:
+    """Stop requiring a channel in a group."""
+    await unlink_channel(session, policies, actor, chat_id, channel_id)
+
+
+@bot.post("/groups/{chat_id}/migrate", response_model=Policy)
+async def migrate_group(
+    chat_id: ChatIdPath,
+    body: GroupMigrate,
+    request: Request,
+    session: SessionDep,
+    actor: BotCaller,
+    policies: PolicyCacheDep,
+) -> Response:
+    """A basic group became a supergroup: move settings, links, members and history."""
+    new_id = body.new_chat_id
+    if new_id == chat_id:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "new_chat_id"),
+                    "msg": "is the current chat id",
+                    "type": "value_error",
+                }
+            ]
+        )
+    group = await load_group(session, chat_id, lock=True)
+    if await session.scalar(select(col(Group.id)).where(col(Group.chat_id) == new_id)):
+        raise conflict(f"group {new_id} already exists")
+    await move_members(session, chat_id, new_id)
+    await session.execute(
+        update(Verification).where(col(Verification.chat_id) == chat_id).values(chat_id=new_id)
+    )
+    before = snapshot(group)
+    group.chat_id = new_id
+    group.version += 1
+    group.updated_at = utcnow()
+    audit(session, actor, "group.migrate", "group", chat_id, before, snapshot(group))
+    try:
+        await commit_policy_change(session, policies, chat_id, new_id)
+    except IntegrityError:
+        raise conflict(f"group {new_id} already exists") from None
+    return policy_response(await cached_policy(request, new_id), new_id)
+
+
+async def move_members(session: AsyncSession, old: int, new: int) -> None:
+    """Re-key member states; where the new chat already has a state (the bot reported events
+    for the supergroup before migrating), the two are merged."""
+    new_states = {
+        m.user_id: m
+        for m in await session.scalars(select(Member).where(col(Member.chat_id) == new))
+    }
+    if new_states:
+        clashing = await session.scalars(
+            select(Member).where(
+                col(Member.chat_id) == old, col(Member.user_id).in_(list(new_states))
+            )
+        )
+        for old_state in clashing:
+            target = new_states[old_state.user_id]
+            target.checks += old_state.checks
+            for field in ("verified_at", "restricted_at"):
+                mine, theirs = getattr(target, field), getattr(old_state, field)
+                if theirs is not None and (mine is None or theirs > mine):
+                    setattr(target, field, theirs)
+            target.status = local_status(
+                MemberDelta(target.verified_at, target.restricted_at, target.checks)
+            )
+            await session.delete(old_state)
+        await session.flush()
+    await session.execute(update(Member).where(col(Member.chat_id) == old).values(chat_id=new))
+
+
+@bot.get("/channels/{chat_id}/groups", response_model=ChatRefList)
+async def list_channel_groups(
+    chat_id: ChatIdPath, session: SessionDep, _: BotCaller
+) -> ChatRefList:
+    """Active groups that require this channel (to re-check a user who left it)."""
+    channel = await load_channel(session, chat_id)
+    rows = await session.scalars(
+        select(col(Group.chat_id))
+        .join(GroupChannel, col(GroupChannel.group_id) == col(Group.id))
+        .where(col(GroupChannel.channel_id) == channel.id, col(Group.is_active))
+        .order_by(col(Group.chat_id))
+    )
+    return ChatRefList(items=[ChatRef(chat_id=c) for c in rows])
+
+
+@bot.post("/verifications", response_model=IngestResult)
+async def ingest_verifications(
+    body: VerificationBatch, session: SessionDep, _: BotCaller
+) -> IngestResult:
+    """Store a batch of verification results (idempotent by event_id)."""
+    new = await ingest(session, body.events)
+    await session.commit()
+    return IngestResult(accepted=len(new), duplicates=len(body.events) - len(new))
+
+
+@bot.get("/groups/{chat_id}/members/{user_id}", response_model=MemberState)
+async def read_member_state(
+    chat_id: ChatIdPath,
+    user_id: Annotated[int, Path(ge=-INT64, le=INT64)],
+    session: SessionDep,
+    _: BotCaller,
+) -> MemberState:
+    """A user's last known state in a group, and until when a pass stays fresh."""
+    row = (
+        await session.execute(
+            select(Member, col(Group.recheck_seconds))
+            .outerjoin(Group, col(Group.chat_id) == col(Member.chat_id))
+            .where(col(Member.chat_id) == chat_id, col(Member.user_id) == user_id)
+        )
+    ).first()
+    if row is None:
+        return MemberState(status="unknown", verified_at=None, restricted_at=None, fresh_until=None)
+    member, recheck = row
+    fresh_until = None
+    if member.status == "verified" and member.verified_at is not None:
+        fresh_until = member.verified_at + timedelta(seconds=recheck or DEFAULT_RECHECK_SECONDS)
+    return MemberState(
+        status=member.status,
+        verified_at=member.verified_at,
+        restricted_at=member.restricted_at,
+        fresh_until=fresh_until,
+    )
+
+
+@bot.post("/heartbeat", status_code=204)
+async def heartbeat(body: Heartbeat, session: SessionDep, bot_key: BotCaller) -> None:
+    """A bot instance is alive (expected every 30 s)."""
+    values = {
+        "instance_id": body.instance_id,
+        "key_name": bot_key.name or bot_key.id,
+        "version": body.version,
+        "started_at": body.started_at,
+        "last_seen_at": utcnow(),
+        "stats": body.stats,
+    }
+    statement = upsert(session, BotInstance.__table__)  # pyrefly: ignore[missing-attribute]
+    statement = statement.on_conflict_do_update(
+        index_elements=["instance_id"],
+        set_={k: statement.excluded[k] for k in values if k != "instance_id"},
+    )
+    await session.execute(statement, values)
+    await session.commit()
+
+
+@dashboard.get("/bots", response_model=CountedPage[BotInstancePublic], tags=["bots"])
+async def list_bots(
+    session: SessionDep, _: CurrentStaff, limit: Limit = 50, cursor: Cursor = None
+) -> CountedPage[BotInstancePublic]:
+    """Bot instances that sent heartbeats, by instance id."""
+    total = await session.scalar(select(func.count()).select_from(BotInstance))
+    stmt = select(BotInstance)
+    if cursor:
+        (after,) = decode_cursor(cursor, "instance_id", [str])
+        stmt = stmt.where(col(BotInstance.instance_id) > after)
+    rows = list(await session.scalars(stmt.order_by(col(BotInstance.instance_id)).limit(limit + 1)))
+    online_since = utcnow() - timedelta(seconds=2 * HEARTBEAT_SECONDS)
+    items = [
+        BotInstancePublic.model_validate(
+            {**b.model_dump(), "online": b.last_seen_at >= online_since}
+        )
+        for b in rows[:limit]
+    ]
+    next_cursor = (
+        encode_cursor("instance_id", [rows[limit - 1].instance_id]) if len(rows) > limit else None
+    )
+    return CountedPage[BotInstancePublic](items=items, next_cursor=next_cursor, total=total or 0)
 
 
 # ---------------------------------------------------------------- service

@@ -1,0 +1,136 @@
+"""Verification ingestion: one batch, one transaction, a fixed number of statements.
+
+Used by `POST /bot/verifications` and by `channelgate seed-demo`, so demo data goes through
+exactly the code the bots use.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, case, literal_column
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db import upsert
+from models import Member, MemberStatus, Verification, VerificationIn, utcnow
+
+MEMBERS = Member.__table__  # pyrefly: ignore[missing-attribute]
+VERIFICATIONS = Verification.__table__  # pyrefly: ignore[missing-attribute]
+
+
+@dataclass(slots=True)
+class MemberDelta:
+    verified_at: datetime | None = None
+    restricted_at: datetime | None = None
+    checks: int = 0
+
+
+def later(a: Any, b: Any) -> ColumnElement[Any]:
+    """The later of two nullable timestamps, the same on PostgreSQL and SQLite."""
+    return case((a.is_(None), b), (b.is_(None), a), (a > b, a), else_=b)
+
+
+def status_of(verified_at: Any, restricted_at: Any) -> ColumnElement[str]:
+    return case(
+        (
+            verified_at.is_not(None) & (restricted_at.is_(None) | (verified_at >= restricted_at)),
+            literal_column("'verified'"),
+        ),
+        (restricted_at.is_not(None), literal_column("'restricted'")),
+        else_=literal_column("'unknown'"),
+    )
+
+
+def member_deltas(events: Sequence[VerificationIn]) -> dict[tuple[int, int], MemberDelta]:
+    deltas: dict[tuple[int, int], MemberDelta] = {}
+    for event in events:
+        delta = deltas.setdefault((event.chat_id, event.user_id), MemberDelta())
+        delta.checks += 1
+        at = event.occurred_at
+        if event.result == "passed" and (delta.verified_at is None or at > delta.verified_at):
+            delta.verified_at = at
+        elif event.result == "blocked" and (
+            delta.restricted_at is None or at > delta.restricted_at
+        ):
+            delta.restricted_at = at
+    return deltas
+
+
+def local_status(delta: MemberDelta) -> MemberStatus:
+    v, r = delta.verified_at, delta.restricted_at
+    if v is not None and (r is None or v >= r):
+        return "verified"
+    return "restricted" if r is not None else "unknown"
+
+
+async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> list[VerificationIn]:
+    """Store new events and fold them into member states; returns the events that were new
+    (an `event_id` seen before, in this batch or any earlier one, is skipped). Does not commit."""
+    unique: dict[Any, VerificationIn] = {}
+    for event in events:
+        unique.setdefault(event.event_id, event)
+    # A fixed order means concurrent batches lock rows in the same order: no deadlocks.
+    ordered = [unique[k] for k in sorted(unique)]
+    if not ordered:
+        return []
+    received_at = utcnow()
+    rows = [
+        {
+            "event_id": e.event_id,
+            "chat_id": e.chat_id,
+            "user_id": e.user_id,
+            "result": e.result,
+            "trigger": e.trigger,
+            "missing_channel_ids": e.missing_channel_ids,
+            "cached": e.cached,
+            "latency_ms": e.latency_ms,
+            "error": e.error,
+            "occurred_at": e.occurred_at,
+            "received_at": received_at,
+        }
+        for e in ordered
+    ]
+    statement = (
+        upsert(session, VERIFICATIONS)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(VERIFICATIONS.c.event_id)
+    )
+    inserted = set((await session.execute(statement, rows)).scalars())
+    new = [e for e in ordered if e.event_id in inserted]
+    await upsert_members(session, member_deltas(new), received_at)
+    return new
+
+
+async def upsert_members(
+    session: AsyncSession, deltas: dict[tuple[int, int], MemberDelta], now: datetime
+) -> None:
+    if not deltas:
+        return
+    rows = [
+        {
+            "chat_id": chat_id,
+            "user_id": user_id,
+            "status": local_status(d),
+            "verified_at": d.verified_at,
+            "restricted_at": d.restricted_at,
+            "checks": d.checks,
+            "updated_at": now,
+        }
+        for (chat_id, user_id), d in sorted(deltas.items())
+    ]
+    statement = upsert(session, MEMBERS)
+    new, old = statement.excluded, MEMBERS.c
+    verified_at = later(old.verified_at, new.verified_at)
+    restricted_at = later(old.restricted_at, new.restricted_at)
+    statement = statement.on_conflict_do_update(
+        index_elements=["chat_id", "user_id"],
+        set_={
+            "verified_at": verified_at,
+            "restricted_at": restricted_at,
+            "status": status_of(verified_at, restricted_at),
+            "checks": old.checks + new.checks,
+            "updated_at": new.updated_at,
+        },
+    )
+    await session.execute(statement, rows)
