@@ -19,12 +19,13 @@ from alembic import command
 from alembic.config import Config
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from auth import AuthState
+from auth import BOT_KEY_SCHEME, AuthState
 from db import POLICY_CHANNEL, Database, Listener
 from routes import PolicyCache, bot, dashboard, service
 from settings import Settings, get_settings
@@ -317,9 +318,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     for error_type in DB_UNAVAILABLE:
         app.add_exception_handler(error_type, database_unavailable)
+    app.include_router(bot)  # first: routes are matched in order, and the bot's are hot
     app.include_router(service)
     app.include_router(dashboard)
-    app.include_router(bot)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -336,7 +337,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(Gate)
+    app.openapi = lambda: openapi_with_bot_security(app)  # pyrefly: ignore[bad-assignment]
     return app
+
+
+def openapi_with_bot_security(app: FastAPI) -> dict[str, Any]:
+    """The bot routes check their key without a security dependency (see auth.bot_caller), so
+    the BotKey scheme is declared on them here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            summary=app.summary,
+            routes=app.routes,
+        )
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes["BotKey"] = BOT_KEY_SCHEME
+        for path, operations in schema["paths"].items():
+            if path.startswith("/api/v1/bot/"):
+                for operation in operations.values():
+                    operation["security"] = [{"BotKey": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 app = create_app()

@@ -151,7 +151,11 @@ class Principal:
 bearer = HTTPBearer(
     auto_error=False, scheme_name="SupabaseJWT", description="Supabase access token"
 )
-bot_bearer = HTTPBearer(auto_error=False, scheme_name="BotKey", description="cgk_… bot API key")
+BOT_KEY_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "cgk_… bot API key (POST /api/v1/bot-keys or `channelgate create-bot-key`)",
+}
 
 
 def _state(request: Request) -> AuthState:
@@ -261,12 +265,11 @@ Editor = Annotated[Principal, Depends(_require("editor"))]
 Owner = Annotated[Principal, Depends(_require("owner"))]
 
 
-async def bot_caller(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bot_bearer)],
-) -> Principal:
-    key = credentials.credentials if credentials else None
-    if not key:
+async def bot_caller(request: Request) -> Principal:
+    # Reads the header itself (no HTTPBearer sub-dependency): this runs on the hot path.
+    # app.py documents the BotKey scheme on every bot route in the OpenAPI document.
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key:
         raise unauthorized("missing bot key")
     if not BOT_KEY_RE.fullmatch(key):
         raise unauthorized("bot routes need a bot key (cgk_…)")

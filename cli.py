@@ -139,6 +139,128 @@ def dev_token(args: argparse.Namespace) -> None:
     print(f"(user {user_id} is now {args.role}; token valid {args.hours} h)", file=sys.stderr)
 
 
+DEMO_TOPICS = [
+    "Rust", "Python", "Design", "Crypto News", "Chess", "Photography", "Startups", "Linux",
+    "Gardening", "Football", "Cooking", "Travel", "Books", "Jazz", "Running", "Astronomy",
+]  # fmt: skip
+
+
+def progress(done: int, total: int, width: int = 30) -> None:
+    filled = width * done // max(total, 1)
+    bar = "#" * filled + "." * (width - filled)
+    print(f"\r[{bar}] {done * 100 // max(total, 1):3d}%  {done:,}/{total:,} events", end="",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+async def _seed_demo(settings: Settings, groups: int, events: int, days: int, seed: int) -> None:
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import insert, select
+    from sqlmodel import col
+
+    from db import Database
+    from ingest import ingest
+    from models import Channel, Group, GroupChannel, VerificationIn
+
+    rng = random.Random(seed)  # noqa: S311 - demo data, not secrets
+    db = Database(settings)
+    try:
+        if settings.should_auto_migrate:
+            from app import migrate as migrate_db
+
+            await migrate_db(db)
+        async with db.sessionmaker() as session:
+            topics = [DEMO_TOPICS[i % len(DEMO_TOPICS)] for i in range(groups)]
+            channel_ids = [-1009000000000 - i for i in range(max(2, groups // 2 + 1))]
+            existing = set(await session.scalars(select(col(Channel.chat_id))))
+            channels = [
+                Channel.model_validate(
+                    {"chat_id": cid, "title": f"{topics[i % groups]} Channel",
+                     "username": f"demo_channel_{i}", "invite_link": f"https://t.me/+demo{i}"}
+                )
+                for i, cid in enumerate(channel_ids) if cid not in existing
+            ]  # fmt: skip
+            session.add_all(channels)
+            group_ids = [-1008000000000 - i for i in range(groups)]
+            existing = set(await session.scalars(select(col(Group.chat_id))))
+            new_groups = [
+                Group.model_validate(
+                    {"chat_id": gid, "title": f"{topics[i]} Chat", "username": f"demo_group_{i}",
+                     "mode": rng.choice(["all", "all", "any"]),
+                     "action": rng.choice(["mute", "mute", "warn", "delete", "kick"])}
+                )
+                for i, gid in enumerate(group_ids) if gid not in existing
+            ]  # fmt: skip
+            session.add_all(new_groups)
+            await session.flush()
+            by_chat = {c.chat_id: c.id for c in await session.scalars(select(Channel))}
+            links = []
+            for group in new_groups:
+                required = rng.sample(channel_ids, k=rng.randint(1, min(3, len(channel_ids))))
+                links += [
+                    {"group_id": group.id, "channel_id": by_chat[c], "position": p}
+                    for p, c in enumerate(required)
+                ]
+            if links:
+                await session.execute(insert(GroupChannel), links)
+            await session.commit()
+
+        now = datetime.now(UTC)
+        users = {g: [rng.randint(10_000, 2_000_000_000) for _ in range(400)] for g in group_ids}
+        joined = {(g, u): rng.random() < 0.7 for g in group_ids for u in users[g]}
+        done, batch_size = 0, 1000
+        progress(0, events)
+        while done < events:
+            batch = []
+            for _ in range(min(batch_size, events - done)):
+                group_id = rng.choice(group_ids)
+                user_id = rng.choice(users[group_id])
+                # busier in the evening, and more recent days busier than old ones
+                age = timedelta(days=days * rng.random() ** 1.4, hours=rng.gauss(0, 3))
+                occurred = min(now - age, now)
+                if rng.random() < 0.02:
+                    result, error = "error", rng.choice(["telegram timeout", "flood wait 3s"])
+                else:
+                    result, error = ("passed" if joined[group_id, user_id] else "blocked"), None
+                    if result == "blocked" and rng.random() < 0.3:
+                        joined[group_id, user_id] = True  # they joined after the warning
+                cached = result == "passed" and rng.random() < 0.6
+                batch.append(
+                    VerificationIn.model_validate(
+                        {
+                            "event_id": uuid.UUID(int=rng.getrandbits(128), version=4),
+                            "chat_id": group_id,
+                            "user_id": user_id,
+                            "result": result,
+                            "trigger": rng.choice(["message"] * 6 + ["join", "button", "recheck"]),
+                            "missing_channel_ids": rng.sample(channel_ids, 1)
+                            if result == "blocked" else [],
+                            "cached": cached,
+                            "latency_ms": 2 if cached else int(rng.lognormvariate(5, 0.6)),
+                            "error": error,
+                            "occurred_at": occurred,
+                        }
+                    )
+                )  # fmt: skip
+            async with db.sessionmaker() as session:
+                await ingest(session, batch)
+                await session.commit()
+            done += len(batch)
+            progress(done, events)
+        print(file=sys.stderr)
+    finally:
+        await db.dispose()
+
+
+def seed_demo(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    if settings.environment == "production":
+        sys.exit("channelgate: seed-demo writes fake data; refusing in production")
+    asyncio.run(_seed_demo(settings, args.groups, args.events, args.days, args.seed))
+    print(f"seeded {args.groups} groups and {args.events:,} verification events")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="channelgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +286,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--hours", type=float, default=12.0)
     p.add_argument("--aal", choices=["aal1", "aal2"], default="aal1")
     p.set_defaults(run=dev_token)
+
+    p = commands.add_parser("seed-demo", help="fill the database with realistic demo data")
+    p.add_argument("--groups", type=int, default=8, choices=range(1, 201), metavar="1..200")
+    p.add_argument("--events", type=int, default=20_000)
+    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(run=seed_demo)
 
     args = parser.parse_args(argv)
     args.run(args)
