@@ -73,11 +73,15 @@ class JWKS:
                 response.raise_for_status()
                 keys = {}
                 for data in response.json()["keys"]:
-                    if data.get("kid") and data.get("use", "sig") == "sig":
+                    if (
+                        isinstance(data, dict)
+                        and data.get("kid")
+                        and data.get("use", "sig") == "sig"
+                    ):
                         try:
                             keys[data["kid"]] = jwt.PyJWK(data)
-                        except jwt.PyJWKError:
-                            continue  # a key type we do not use; the others still count
+                        except jwt.PyJWTError:
+                            continue  # malformed, or a key type we do not use: skip it
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 log.warning("JWKS fetch from %s failed: %r; keeping cached keys", self.url, exc)
                 return

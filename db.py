@@ -1,12 +1,14 @@
 """The async engine, the session factory, `SessionDep` and the PostgreSQL/SQLite helpers."""
 
 import asyncio
+import functools
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import event, func, make_url, select
+from sqlalchemy import JSON, Table, event, func, literal_column, make_url, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -18,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
 from settings import Settings
 
 log = logging.getLogger("channelgate.db")
+PG_DIALECT = postgresql.dialect()
 
 
 def make_engine(settings: Settings) -> AsyncEngine:
@@ -74,10 +77,41 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
+def is_postgres(session: AsyncSession) -> bool:
+    return session.bind is not None and session.bind.dialect.name == "postgresql"
+
+
 def upsert(session: AsyncSession, table: Any) -> Any:
     """`INSERT` with `on_conflict_do_*` for the session's dialect (both speak the same API)."""
-    dialect = session.bind.dialect.name if session.bind else "sqlite"
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    return (postgresql.insert if is_postgres(session) else sqlite.insert)(table)
+
+
+def bulk_insert(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> tuple[Any, Any]:
+    """An upsert-capable INSERT of many rows and the parameters to execute it with.
+
+    On PostgreSQL the rows travel as one array per column and are expanded by `unnest`: one
+    statement, one round trip, encoded by asyncpg in C (several times faster than a
+    multi-row VALUES list built by SQLAlchemy). Elsewhere it is a plain executemany."""
+    if not is_postgres(session):
+        return sqlite.insert(table), rows
+    names = tuple(rows[0])
+    source, json_columns = _unnest_source(table, names)
+    params = {name: [row[name] for row in rows] for name in names}
+    for name in json_columns:
+        params[name] = [json.dumps(value) for value in params[name]]
+    return postgresql.insert(table).from_select(names, source), params
+
+
+@functools.cache
+def _unnest_source(table: Table, names: tuple[str, ...]) -> tuple[Any, list[str]]:
+    columns = [table.c[name] for name in names]
+    arrays = ", ".join(
+        f"CAST(:{c.name} AS {c.type.compile(dialect=PG_DIALECT)}[])" for c in columns
+    )
+    source = select(*[literal_column(name) for name in names]).select_from(
+        text(f"unnest({arrays}) AS bulk({', '.join(names)})")
+    )
+    return source, [c.name for c in columns if isinstance(c.type, JSON)]
 
 
 POLICY_CHANNEL = "channelgate_policy"
@@ -86,7 +120,7 @@ POLICY_CHANNEL = "channelgate_policy"
 async def notify(session: AsyncSession, channel: str, payload: str) -> None:
     """pg_notify inside the session's transaction: delivered to every replica on commit.
     (SQLite has one process, nothing to tell.)"""
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    if is_postgres(session):
         await session.execute(select(func.pg_notify(channel, payload)))
 
 

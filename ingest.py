@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, case, literal_column
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db import upsert
+from db import bulk_insert
 from models import Member, MemberStatus, Verification, VerificationIn, utcnow
 
 MEMBERS = Member.__table__  # pyrefly: ignore[missing-attribute]
@@ -91,12 +91,11 @@ async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> lis
         }
         for e in ordered
     ]
-    statement = (
-        upsert(session, VERIFICATIONS)
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(VERIFICATIONS.c.event_id)
+    statement, params = bulk_insert(session, VERIFICATIONS, rows)
+    statement = statement.on_conflict_do_nothing(index_elements=["event_id"]).returning(
+        VERIFICATIONS.c.event_id
     )
-    inserted = set((await session.execute(statement, rows)).scalars())
+    inserted = set((await session.execute(statement, params)).scalars())
     new = [e for e in ordered if e.event_id in inserted]
     await upsert_members(session, member_deltas(new), received_at)
     return new
@@ -119,7 +118,7 @@ async def upsert_members(
         }
         for (chat_id, user_id), d in sorted(deltas.items())
     ]
-    statement = upsert(session, MEMBERS)
+    statement, params = bulk_insert(session, MEMBERS, rows)
     new, old = statement.excluded, MEMBERS.c
     verified_at = later(old.verified_at, new.verified_at)
     restricted_at = later(old.restricted_at, new.restricted_at)
@@ -133,4 +132,4 @@ async def upsert_members(
             "updated_at": new.updated_at,
         },
     )
-    await session.execute(statement, rows)
+    await session.execute(statement, params)
