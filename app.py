@@ -27,6 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from auth import BOT_KEY_SCHEME, AuthState
 from db import POLICY_CHANNEL, Database, Listener
+from feed import FEED_CHANNEL, Feed
 from routes import PolicyCache, bot, dashboard, service
 from settings import Settings, get_settings
 
@@ -285,11 +286,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.should_auto_migrate:
             await migrate(db)
         policies = PolicyCache()
+        feed = Feed(db)
+        db.sessionmaker.configure(info={"feed": feed})
         listener_task = None
         if db.is_postgres:
             listener = Listener(
                 settings.database_url,
-                {POLICY_CHANNEL: lambda payload: policies.invalidate(*parse_ids(payload))},
+                {
+                    POLICY_CHANNEL: lambda payload: policies.invalidate(*parse_ids(payload)),
+                    FEED_CHANNEL: feed.announced,
+                },
                 on_reconnect=policies.clear,
             )
             listener_task = asyncio.create_task(listener.run(), name="channelgate-listener")
@@ -297,6 +303,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.db = db
             app.state.auth = AuthState(settings, http)
             app.state.policies = policies
+            app.state.feed = feed
             try:
                 yield
             finally:

@@ -12,7 +12,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, case, literal_column
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from analytics import update_rollups
 from db import bulk_insert
+from feed import announce
 from models import Member, MemberStatus, Verification, VerificationIn, utcnow
 
 MEMBERS = Member.__table__  # pyrefly: ignore[missing-attribute]
@@ -64,16 +66,17 @@ def local_status(delta: MemberDelta) -> MemberStatus:
     return "restricted" if r is not None else "unknown"
 
 
-async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> list[VerificationIn]:
-    """Store new events and fold them into member states; returns the events that were new
-    (an `event_id` seen before, in this batch or any earlier one, is skipped). Does not commit."""
+async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> dict[Any, int]:
+    """Store new events, fold them into member states and rollups; returns {event_id: row id}
+    of the events that were new (an `event_id` seen before, in this batch or an earlier one,
+    is skipped). Does not commit."""
     unique: dict[Any, VerificationIn] = {}
     for event in events:
         unique.setdefault(event.event_id, event)
     # A fixed order means concurrent batches lock rows in the same order: no deadlocks.
     ordered = [unique[k] for k in sorted(unique)]
     if not ordered:
-        return []
+        return {}
     received_at = utcnow()
     rows = [
         {
@@ -93,12 +96,14 @@ async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> lis
     ]
     statement, params = bulk_insert(session, VERIFICATIONS, rows)
     statement = statement.on_conflict_do_nothing(index_elements=["event_id"]).returning(
-        VERIFICATIONS.c.event_id
+        VERIFICATIONS.c.event_id, VERIFICATIONS.c.id
     )
-    inserted = set((await session.execute(statement, params)).scalars())
+    inserted = {row.event_id: row.id for row in await session.execute(statement, params)}
     new = [e for e in ordered if e.event_id in inserted]
     await upsert_members(session, member_deltas(new), received_at)
-    return new
+    await update_rollups(session, new)
+    announce(session.sync_session, "v", sorted(inserted.values()))
+    return inserted
 
 
 async def upsert_members(

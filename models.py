@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     FiniteFloat,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 from sqlalchemy import (
@@ -27,8 +28,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
+    Table,
     TypeDecorator,
     UniqueConstraint,
 )
@@ -170,10 +173,29 @@ SETTING_FIELDS = (
 )
 
 
+def no_nul(value: object) -> object:
+    """PostgreSQL text and JSON cannot hold NUL characters: refuse them at the door."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            no_nul(key)
+            no_nul(item)
+    elif isinstance(value, list):
+        for item in value:
+            no_nul(item)
+    return value
+
+
 class Request(SQLModel):
-    """Base of every request body: unknown fields are a 422."""
+    """Base of every request body: unknown fields are a 422, NUL characters too."""
 
     model_config = ConfigDict(extra="forbid")  # pyrefly: ignore[bad-override]
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def reject_nul(cls, value: object) -> object:
+        return no_nul(value)
 
 
 class GroupSettings(SQLModel):
@@ -227,17 +249,17 @@ class GroupUpdate(Request):
     exempt_user_ids: ExemptUserIds | None = None
     recheck_seconds: RecheckSeconds | None = None
 
-    @model_validator(mode="after")
-    def _no_null_for_required(self) -> Self:
-        return _reject_nulls(self, nullable={"username"})
+    # Optional so that a PATCH can leave them out; an explicit null is still invalid.
+    @field_validator("title", "is_active", *SETTING_FIELDS, mode="before")
+    @classmethod
+    def reject_null(cls, value: object) -> object:
+        return not_null(value)
 
 
-def _reject_nulls[M: SQLModel](model: M, nullable: set[str]) -> M:
-    """Fields are optional to allow partial updates, but an explicit null must be nullable."""
-    nulls = [f for f in model.model_fields_set - nullable if getattr(model, f) is None]
-    if nulls:
-        raise ValueError(f"{', '.join(sorted(nulls))} cannot be null")
-    return model
+def not_null(value: object) -> object:
+    if value is None:
+        raise ValueError("cannot be null")
+    return value
 
 
 class GroupSummary(SQLModel):
@@ -307,9 +329,10 @@ class ChannelUpdate(Request):
     username: Username | None = None
     invite_link: InviteLink | None = None
 
-    @model_validator(mode="after")
-    def _no_null_for_required(self) -> Self:
-        return _reject_nulls(self, nullable={"username", "invite_link"})
+    @field_validator("title", mode="before")
+    @classmethod
+    def reject_null(cls, value: object) -> object:
+        return not_null(value)
 
 
 class ChannelSummary(SQLModel):
@@ -475,6 +498,21 @@ class AuditPublic(SQLModel):
     after: dict[str, Any] | None
     request_id: str | None
 
+    @classmethod
+    def from_row(cls, row: AuditLog) -> Self:
+        assert row.id is not None
+        return cls(
+            id=row.id,
+            at=row.at,
+            actor=Actor(kind=row.actor_kind, id=row.actor_id, name=row.actor_name),
+            action=row.action,
+            resource=row.resource,
+            resource_id=row.resource_id,
+            before=row.before,
+            after=row.after,
+            request_id=row.request_id,
+        )
+
 
 # ---------------------------------------------------------------- bot: members, log, instances
 
@@ -549,6 +587,11 @@ class FastRequest(BaseModel):
     thousands of items on the bot's hot paths, where SQLModel's per-object init costs."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def reject_nul(cls, value: object) -> object:
+        return no_nul(value)
 
 
 class VerificationIn(FastRequest):
@@ -650,6 +693,117 @@ class BotInstancePublic(SQLModel):
     last_seen_at: datetime
     online: bool
     stats: dict[str, float]
+
+
+# ---------------------------------------------------------------- analytics rollups
+# Internal tables, never exposed as schemas: plain SQLAlchemy Core on the same metadata.
+
+# Upper edges (ms) of the latency histogram buckets; the last bucket is open-ended.
+LATENCY_EDGES_MS = (10, 25, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 30000)
+LATENCY_COLUMNS = tuple(f"lat_{i}" for i in range(len(LATENCY_EDGES_MS) + 1))
+COUNTERS = ("checks", "passed", "blocked", "errors", "cached")
+ALL_GROUPS = 0  # chat id of the sketches that cover every group
+
+rollups = Table(
+    "rollups",
+    metadata,
+    Column("id", BigId, primary_key=True),
+    Column("grain", String(1), nullable=False),  # "h" hour, "d" day (UTC)
+    Column("chat_id", BigInteger, nullable=False),
+    Column("bucket", UTCDateTime, nullable=False),
+    *[Column(name, BigInteger, nullable=False) for name in COUNTERS],
+    *[Column(name, BigInteger, nullable=False) for name in LATENCY_COLUMNS],
+    UniqueConstraint("grain", "chat_id", "bucket"),
+    Index(None, "grain", "bucket", "chat_id"),
+)
+
+channel_rollups = Table(
+    "channel_rollups",
+    metadata,
+    Column("id", BigId, primary_key=True),
+    Column("grain", String(1), nullable=False),
+    Column("chat_id", BigInteger, nullable=False),
+    Column("channel_id", BigInteger, nullable=False),
+    Column("bucket", UTCDateTime, nullable=False),
+    Column("blocks", BigInteger, nullable=False),
+    UniqueConstraint("grain", "chat_id", "bucket", "channel_id"),
+    Index(None, "grain", "bucket", "chat_id"),
+)
+
+# HyperLogLog sketches of the users seen, per group and for all groups (chat_id 0).
+user_sketches = Table(
+    "user_sketches",
+    metadata,
+    Column("id", BigId, primary_key=True),
+    Column("grain", String(1), nullable=False),
+    Column("chat_id", BigInteger, nullable=False),
+    Column("bucket", UTCDateTime, nullable=False),
+    Column("registers", LargeBinary, nullable=False),
+    UniqueConstraint("grain", "chat_id", "bucket"),
+)
+
+
+class Latency(SQLModel):
+    p50: float | None
+    p95: float | None
+
+
+class AnalyticsSummary(SQLModel):
+    since: datetime
+    until: datetime
+    checks: int
+    passed: int
+    blocked: int
+    errors: int
+    pass_rate: float | None
+    unique_users: int
+    unique_users_estimated: bool
+    cache_hit_rate: float | None
+    latency_ms: Latency
+    active_groups: int
+    verified_members: int
+    restricted_members: int
+
+
+class TimePoint(SQLModel):
+    t: datetime
+    checks: int
+    passed: int
+    blocked: int
+    errors: int
+
+
+class Timeseries(SQLModel):
+    bucket: Literal["hour", "day"]
+    since: datetime
+    until: datetime
+    points: list[TimePoint]
+
+
+class TopGroup(SQLModel):
+    chat_id: int
+    title: str | None
+    checks: int
+    blocked: int
+    pass_rate: float | None
+
+
+class TopGroups(SQLModel):
+    since: datetime
+    until: datetime
+    items: list[TopGroup]
+
+
+class ChannelBlocks(SQLModel):
+    chat_id: int
+    title: str | None
+    blocks: int
+
+
+class ChannelBlocksList(SQLModel):
+    since: datetime
+    until: datetime
+    items: list[ChannelBlocks]
 
 
 # ---------------------------------------------------------------- pages

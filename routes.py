@@ -1,27 +1,36 @@
 """Every endpoint: routers `dashboard` (Supabase staff), `bot` (bot keys) and `service`."""
 
+import asyncio
 import base64
 import binascii
+import csv
+import io
 import json
+import re
 import uuid
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from sqlalchemy import ColumnElement, delete, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+import analytics
+from analytics import Window, floor_day, floor_hour
 from auth import BotCaller, CurrentStaff, Editor, Owner, Principal, hash_key, new_bot_key
 from db import POLICY_CHANNEL, Database, SessionDep, notify, upsert
+from feed import Feed, audit_rows
 from ingest import MemberDelta, ingest, local_status
 from models import (
+    LATENCY_COLUMNS,
     MAX_CHANNELS_PER_GROUP,
     SETTING_FIELDS,
-    Actor,
+    AnalyticsSummary,
     AuditLog,
     AuditPublic,
     BotChannelPut,
@@ -33,6 +42,8 @@ from models import (
     BotKeyCreated,
     BotKeyPublic,
     Channel,
+    ChannelBlocks,
+    ChannelBlocksList,
     ChannelChatId,
     ChannelCreate,
     ChannelPublic,
@@ -54,6 +65,7 @@ from models import (
     GroupUpdate,
     Heartbeat,
     IngestResult,
+    Latency,
     Me,
     Member,
     MemberPublic,
@@ -63,8 +75,12 @@ from models import (
     Staff,
     StaffPublic,
     StaffPut,
+    Timeseries,
+    TopGroup,
+    TopGroups,
     Verification,
     VerificationBatch,
+    VerificationPublic,
     utcnow,
 )
 
@@ -73,7 +89,8 @@ ChatIdPath = Annotated[int, Path(ge=-INT64, le=INT64)]
 ChannelIdPath = Annotated[int, Path(ge=-INT64, le=INT64)]
 Limit = Annotated[int, Query(ge=1, le=200)]
 Cursor = Annotated[str | None, Query(max_length=512)]
-Search = Annotated[str | None, Query(min_length=1, max_length=255)]
+Search = Annotated[str | None, Query(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
+CHAT_ID_RE = re.compile(r"-?[0-9]{1,19}")
 Since = Annotated[datetime | None, Query()]
 Until = Annotated[datetime | None, Query()]
 
@@ -123,16 +140,20 @@ def decode_cursor(cursor: str, sort: str, kinds: Sequence[type]) -> list[Any]:
                 parsed = datetime.fromisoformat(value)
                 if parsed.tzinfo is None:
                     raise ValueError
-                values.append(parsed)
-            elif (kind is int and type(value) is int and -INT64 <= value <= INT64) or (
-                kind is str and isinstance(value, str)
-            ):
+                values.append(parsed.astimezone(UTC))
+            elif cursor_scalar_ok(kind, value):
                 values.append(value)
             else:
                 raise ValueError
         return values
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise invalid_query("cursor", "malformed cursor; use next_cursor as returned") from None
+
+
+def cursor_scalar_ok(kind: type, value: object) -> bool:
+    if kind is int:
+        return type(value) is int and -INT64 <= value <= INT64
+    return kind is str and isinstance(value, str) and "\x00" not in value
 
 
 def keyset(columns: Sequence[Any], values: Sequence[Any], descending: bool) -> ColumnElement[bool]:
@@ -170,19 +191,19 @@ def audit(
     before: dict[str, Any] | None = None,
     after: dict[str, Any] | None = None,
 ) -> None:
-    session.add(
-        AuditLog(
-            actor_kind="bot" if actor.kind == "bot" else "staff",
-            actor_id=actor.id,
-            actor_name=actor.name,
-            action=action,
-            resource=resource,
-            resource_id=str(resource_id),
-            before=before,
-            after=after,
-            request_id=actor.request_id,
-        )
+    row = AuditLog(
+        actor_kind="bot" if actor.kind == "bot" else "staff",
+        actor_id=actor.id,
+        actor_name=actor.name,
+        action=action,
+        resource=resource,
+        resource_id=str(resource_id),
+        before=before,
+        after=after,
+        request_id=actor.request_id,
     )
+    session.add(row)
+    audit_rows(session).append(row)  # announced on the live feed at commit
 
 
 class PolicyCache:
@@ -334,7 +355,7 @@ async def list_groups(
     if q is not None:
         match = [col(Group.title).icontains(q, autoescape=True)]
         match.append(col(Group.username).icontains(q.removeprefix("@"), autoescape=True))
-        if q.lstrip("-").isdigit() and abs(int(q)) <= INT64:
+        if CHAT_ID_RE.fullmatch(q) and abs(int(q)) <= INT64:
             match.append(col(Group.chat_id) == int(q))
         filters.append(or_(*match))
     if active is not None:
@@ -406,7 +427,9 @@ async def update_group(
     group = await load_group(session, chat_id, lock=True)
     if_match(if_match_header, group.version)
     before = snapshot(group)
-    changes = body.model_dump(exclude_unset=True)
+    changes = {
+        k: v for k, v in body.model_dump(exclude_unset=True).items() if getattr(group, k) != v
+    }
     if changes:
         for field, value in changes.items():
             setattr(group, field, value)
@@ -616,7 +639,7 @@ async def list_channels(
     if q is not None:
         match = [col(Channel.title).icontains(q, autoescape=True)]
         match.append(col(Channel.username).icontains(q.removeprefix("@"), autoescape=True))
-        if q.lstrip("-").isdigit() and abs(int(q)) <= INT64:
+        if CHAT_ID_RE.fullmatch(q) and abs(int(q)) <= INT64:
             match.append(col(Channel.chat_id) == int(q))
         filters.append(or_(*match))
     total = await session.scalar(select(func.count()).select_from(Channel).where(*filters))
@@ -952,21 +975,318 @@ async def list_audit(
         if len(rows) > limit
         else None
     )
-    return Page[AuditPublic](items=[audit_public(a) for a in rows[:limit]], next_cursor=next_cursor)
+    return Page[AuditPublic](
+        items=[AuditPublic.from_row(a) for a in rows[:limit]], next_cursor=next_cursor
+    )
 
 
-def audit_public(row: AuditLog) -> AuditPublic:
-    assert row.id is not None
-    return AuditPublic(
-        id=row.id,
-        at=row.at,
-        actor=Actor(kind=row.actor_kind, id=row.actor_id, name=row.actor_name),
-        action=row.action,
-        resource=row.resource,
-        resource_id=row.resource_id,
-        before=row.before,
-        after=row.after,
-        request_id=row.request_id,
+# ---------------------------------------------------------------- verification log
+
+
+ResultFilter = Annotated[Literal["passed", "blocked", "error"] | None, Query()]
+TriggerFilter = Annotated[
+    Literal["message", "join", "button", "channel_leave", "recheck"] | None, Query()
+]
+IdFilter = Annotated[int | None, Query(ge=-INT64, le=INT64)]
+
+
+def verification_filters(
+    group: IdFilter = None,
+    user: IdFilter = None,
+    result: ResultFilter = None,
+    trigger: TriggerFilter = None,
+    since: Since = None,
+    until: Until = None,
+) -> list[ColumnElement[bool]]:
+    filters: list[ColumnElement[bool]] = []
+    if group is not None:
+        filters.append(col(Verification.chat_id) == group)
+    if user is not None:
+        filters.append(col(Verification.user_id) == user)
+    if result is not None:
+        filters.append(col(Verification.result) == result)
+    if trigger is not None:
+        filters.append(col(Verification.trigger) == trigger)
+    if (since := aware(since, "since")) is not None:
+        filters.append(col(Verification.occurred_at) >= since)
+    if (until := aware(until, "until")) is not None:
+        filters.append(col(Verification.occurred_at) < until)
+    return filters
+
+
+VerificationFilters = Annotated[list[ColumnElement[bool]], Depends(verification_filters)]
+LOG_ORDER = (col(Verification.occurred_at), col(Verification.id))
+
+
+@dashboard.get("/verifications", response_model=Page[VerificationPublic], tags=["verifications"])
+async def list_verifications(
+    session: SessionDep,
+    _: CurrentStaff,
+    filters: VerificationFilters,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> Page[VerificationPublic]:
+    """The verification log, newest first."""
+    stmt = select(Verification).where(*filters)
+    if cursor:
+        after = decode_cursor(cursor, "-occurred_at", [datetime, int])
+        stmt = stmt.where(keyset(LOG_ORDER, after, True))
+    rows = list(await session.scalars(stmt.order_by(*order(LOG_ORDER, True)).limit(limit + 1)))
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor("-occurred_at", [last.occurred_at, last.id])
+    items = [VerificationPublic.model_validate(v, from_attributes=True) for v in rows[:limit]]
+    return Page[VerificationPublic](items=items, next_cursor=next_cursor)
+
+
+CSV_COLUMNS = (
+    "id", "event_id", "chat_id", "user_id", "result", "trigger", "missing_channel_ids",
+    "cached", "latency_ms", "error", "occurred_at", "received_at",
+)  # fmt: skip
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """Text that a spreadsheet would run as a formula gets a leading apostrophe. Numbers are
+    written as numbers (a negative chat id is data, not a formula)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def csv_row(v: Any) -> list[object]:
+    return [
+        v.id,
+        str(v.event_id),
+        v.chat_id,
+        v.user_id,
+        v.result,
+        v.trigger,
+        csv_cell(" ".join(map(str, v.missing_channel_ids))),
+        "true" if v.cached else "false",
+        v.latency_ms,
+        csv_cell(v.error) if v.error is not None else "",
+        v.occurred_at.isoformat().replace("+00:00", "Z"),
+        v.received_at.isoformat().replace("+00:00", "Z"),
+    ]
+
+
+@dashboard.get(
+    "/verifications/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}, "description": "RFC 4180 CSV"}},
+    tags=["verifications"],
+)
+async def export_verifications(
+    request: Request, session: SessionDep, _: CurrentStaff, filters: VerificationFilters
+) -> StreamingResponse:
+    """The verification log as CSV (same filters, newest first, streamed)."""
+    await session.close()  # the stream reads through its own session, however long it takes
+    db: Database = request.app.state.db
+
+    async def lines() -> AsyncIterator[str]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)  # RFC 4180: CRLF, quotes doubled, quoted when needed
+        writer.writerow(CSV_COLUMNS)
+        async with db.sessionmaker() as stream_session:
+            stmt = (
+                select(Verification)
+                .where(*filters)
+                .order_by(*order(LOG_ORDER, True))
+                .execution_options(yield_per=2000)
+            )
+            result = await stream_session.stream_scalars(stmt)
+            async for chunk in result.partitions():
+                for row in chunk:
+                    writer.writerow(csv_row(row))
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+        yield buffer.getvalue()
+
+    stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+    return StreamingResponse(
+        lines(),
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="channelgate-verifications-{stamp}.csv"'
+        },
+    )
+
+
+# ---------------------------------------------------------------- analytics
+
+
+def analytics_window(since: datetime | None, until: datetime | None, grain: str = "h") -> Window:
+    floor = floor_hour if grain == "h" else floor_day
+    step = timedelta(hours=1) if grain == "h" else timedelta(days=1)
+    until, since = aware(until, "until"), aware(since, "since")
+    end = floor(until) if until is not None else floor(utcnow()) + step
+    start = floor(since) if since is not None else end - timedelta(days=7)
+    if start >= end:
+        raise invalid_query("since", "must be before until (after truncation to the bucket)")
+    return Window(start, end)
+
+
+GroupQuery = Annotated[int | None, Query(ge=-INT64, le=INT64)]
+
+
+@dashboard.get("/analytics/summary", response_model=AnalyticsSummary, tags=["analytics"])
+async def analytics_summary(
+    session: SessionDep,
+    _: CurrentStaff,
+    since: Since = None,
+    until: Until = None,
+    group: GroupQuery = None,
+) -> AnalyticsSummary:
+    """Totals over a window (default: the last 7 days)."""
+    window = analytics_window(since, until)
+    sums = await analytics.counters(session, window, group)
+    members = select(col(Member.status), func.count()).group_by(col(Member.status))
+    if group is not None:
+        members = members.where(col(Member.chat_id) == group)
+    states: dict[str, int] = dict((await session.execute(members)).all())  # pyrefly: ignore[no-matching-overload]
+    histogram = [sums[name] for name in LATENCY_COLUMNS]
+    return AnalyticsSummary(
+        since=window.since,
+        until=window.until,
+        checks=sums["checks"],
+        passed=sums["passed"],
+        blocked=sums["blocked"],
+        errors=sums["errors"],
+        pass_rate=analytics.rate(sums["passed"], sums["checks"]),
+        unique_users=await analytics.unique_users(session, window, group),
+        unique_users_estimated=True,
+        cache_hit_rate=analytics.rate(sums["cached"], sums["checks"]),
+        latency_ms=Latency(
+            p50=analytics.percentile(histogram, 0.5), p95=analytics.percentile(histogram, 0.95)
+        ),
+        active_groups=sums["active_groups"],
+        verified_members=states.get("verified", 0),
+        restricted_members=states.get("restricted", 0),
+    )
+
+
+MAX_POINTS = 2000
+
+
+@dashboard.get("/analytics/timeseries", response_model=Timeseries, tags=["analytics"])
+async def analytics_timeseries(
+    session: SessionDep,
+    _: CurrentStaff,
+    bucket: Literal["hour", "day"] = "hour",
+    since: Since = None,
+    until: Until = None,
+    group: GroupQuery = None,
+) -> Timeseries:
+    """Checks per hour or per day, every bucket present (zeros filled)."""
+    grain = "h" if bucket == "hour" else "d"
+    window = analytics_window(since, until, grain)
+    step = timedelta(hours=1) if grain == "h" else timedelta(days=1)
+    if (window.until - window.since) / step > MAX_POINTS:
+        raise invalid_query("since", f"the window holds more than {MAX_POINTS} {bucket}s")
+    points = await analytics.timeseries(session, grain, window.since, window.until, group)
+    return Timeseries.model_validate(
+        {"bucket": bucket, "since": window.since, "until": window.until, "points": points}
+    )
+
+
+@dashboard.get("/analytics/top-groups", response_model=TopGroups, tags=["analytics"])
+async def analytics_top_groups(
+    session: SessionDep,
+    _: CurrentStaff,
+    since: Since = None,
+    until: Until = None,
+    limit: Annotated[int, Query(ge=1, le=50)] = 10,
+) -> TopGroups:
+    """The groups with the most checks in a window."""
+    window = analytics_window(since, until)
+    rows = await analytics.top_groups(session, window, limit)
+    titles = await titles_of(session, Group, [r.chat_id for r in rows])
+    items = [
+        TopGroup(
+            chat_id=r.chat_id,
+            title=titles.get(r.chat_id),
+            checks=int(r.checks),
+            blocked=int(r.blocked),
+            pass_rate=analytics.rate(int(r.passed), int(r.checks)),
+        )
+        for r in rows
+    ]
+    return TopGroups(since=window.since, until=window.until, items=items)
+
+
+@dashboard.get("/analytics/channels", response_model=ChannelBlocksList, tags=["analytics"])
+async def analytics_channels(
+    session: SessionDep,
+    _: CurrentStaff,
+    since: Since = None,
+    until: Until = None,
+    group: GroupQuery = None,
+) -> ChannelBlocksList:
+    """Which required channels users were missing when blocked, most first."""
+    window = analytics_window(since, until)
+    rows = await analytics.channel_blocks(session, window, group)
+    titles = await titles_of(session, Channel, [r.channel_id for r in rows])
+    items = [
+        ChannelBlocks(chat_id=r.channel_id, title=titles.get(r.channel_id), blocks=int(r.blocks))
+        for r in rows
+    ]
+    return ChannelBlocksList(since=window.since, until=window.until, items=items)
+
+
+async def titles_of(session: AsyncSession, model: Any, chat_ids: list[int]) -> dict[int, str]:
+    """Current titles; a group or channel deleted since has none (its numbers stay)."""
+    if not chat_ids:
+        return {}
+    rows = await session.execute(
+        select(model.chat_id, model.title).where(model.chat_id.in_(chat_ids))
+    )
+    return dict(rows.all())  # pyrefly: ignore[no-matching-overload]
+
+
+# ---------------------------------------------------------------- live feed
+
+KEEPALIVE_SECONDS = 15.0
+
+
+@dashboard.get(
+    "/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+    tags=["events"],
+)
+async def stream_events(
+    request: Request, session: SessionDep, _: CurrentStaff
+) -> StreamingResponse:
+    """Live feed of verifications and audit entries (server-sent events)."""
+    await session.close()  # hand the connection back: a stream can stay open for hours
+    feed: Feed = request.app.state.feed
+    subscriber = feed.subscribe()
+    if subscriber is None:
+        raise HTTPException(503, "too many live-feed subscribers", headers={"Retry-After": "30"})
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield "retry: 3000\n\n"
+            while True:
+                try:
+                    kind, data = await asyncio.wait_for(subscriber.queue.get(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if subscriber.dropped:
+                    yield f'event: dropped\ndata: {{"count": {subscriber.dropped}}}\n\n'
+                    subscriber.dropped = 0
+                yield f"event: {kind}\ndata: {data}\n\n"
+        finally:
+            feed.unsubscribe(subscriber)
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
@@ -1255,9 +1575,9 @@ async def ingest_verifications(
     body: VerificationBatch, session: SessionDep, _: BotCaller
 ) -> IngestResult:
     """Store a batch of verification results (idempotent by event_id)."""
-    new = await ingest(session, body.events)
+    inserted = await ingest(session, body.events)
     await session.commit()
-    return IngestResult(accepted=len(new), duplicates=len(body.events) - len(new))
+    return IngestResult(accepted=len(inserted), duplicates=len(body.events) - len(inserted))
 
 
 @bot.get("/groups/{chat_id}/members/{user_id}", response_model=MemberState)

@@ -1,0 +1,354 @@
+"""Analytics: rollups maintained at ingestion, and the queries the dashboard charts read.
+
+Every chart reads hourly and daily rollup rows, never the raw log, so its cost depends on the
+window's length, not on how many events it holds. A window [since, until) at hour resolution
+is read as its leading partial day in hours, its whole days in days, and its trailing partial
+day in hours. Unique users come from HyperLogLog sketches kept at the same two grains.
+"""
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db import bulk_insert
+from models import (
+    ALL_GROUPS,
+    COUNTERS,
+    LATENCY_COLUMNS,
+    LATENCY_EDGES_MS,
+    VerificationIn,
+    channel_rollups,
+    rollups,
+    user_sketches,
+)
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+# ---------------------------------------------------------------- HyperLogLog
+
+P = 14  # 16384 registers: standard error 1.04 / sqrt(2^14) = 0.8 %
+M = 1 << P
+ALPHA = 0.7213 / (1 + 1.079 / M)
+DENSE, SPARSE = b"\x00", b"\x01"
+
+
+def hll_updates(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(register index, rank) for each user id: splitmix64 hash, first P bits pick the
+    register, the rank is one plus the leading zeros of the remaining 64 - P bits."""
+    with np.errstate(over="ignore"):
+        z = user_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    index = (z >> np.uint64(64 - P)).astype(np.intp)
+    rest = z & np.uint64((1 << (64 - P)) - 1)
+    # frexp gives the exact bit length of values below 2^53 (these are below 2^50).
+    _, bit_length = np.frexp(rest.astype(np.float64))
+    rank = np.where(rest == 0, 64 - P + 1, (64 - P) - bit_length + 1).astype(np.uint8)
+    return index, rank
+
+
+def decode(blob: bytes | None) -> np.ndarray:
+    registers = np.zeros(M, dtype=np.uint8)
+    if not blob:
+        return registers
+    if blob[:1] == DENSE:
+        return np.frombuffer(blob, dtype=np.uint8, offset=1).copy()
+    count = (len(blob) - 1) // 3
+    index = np.frombuffer(blob, dtype=np.uint16, count=count, offset=1)
+    registers[index] = np.frombuffer(blob, dtype=np.uint8, offset=1 + 2 * count)
+    return registers
+
+
+def encode(registers: np.ndarray) -> bytes:
+    """Sparse (index, rank) pairs while few registers are set, dense bytes after."""
+    index = np.flatnonzero(registers).astype(np.uint16)
+    if len(index) * 3 < M:
+        return SPARSE + index.tobytes() + registers[index].tobytes()
+    return DENSE + registers.tobytes()
+
+
+def estimate(registers: np.ndarray) -> int:
+    raw = ALPHA * M * M / float(np.sum(np.ldexp(1.0, -registers.astype(np.int32))))
+    zeros = int(np.count_nonzero(registers == 0))
+    if raw <= 2.5 * M and zeros:
+        return round(M * np.log(M / zeros))  # linear counting: near exact for small sets
+    return round(raw)
+
+
+# ---------------------------------------------------------------- ingestion side
+
+
+def latency_bucket(latency_ms: int) -> int:
+    for i, edge in enumerate(LATENCY_EDGES_MS):
+        if latency_ms < edge:
+            return i
+    return len(LATENCY_EDGES_MS)
+
+
+def floor_hour(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def floor_day(at: datetime) -> datetime:
+    return floor_hour(at).replace(hour=0)
+
+
+def buckets_of(at: datetime) -> tuple[tuple[str, datetime], tuple[str, datetime]]:
+    return ("h", floor_hour(at)), ("d", floor_day(at))
+
+
+async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]) -> None:
+    """Fold newly stored events into the rollups, in the caller's transaction (so a retried
+    batch, whose events are not new, never counts twice)."""
+    if not events:
+        return
+    counts: dict[tuple[str, int, datetime], list[int]] = defaultdict(
+        lambda: [0] * (len(COUNTERS) + len(LATENCY_COLUMNS))
+    )
+    blocks: dict[tuple[str, int, datetime, int], int] = defaultdict(int)
+    users: dict[tuple[str, int, datetime], list[int]] = defaultdict(list)
+    offset = len(COUNTERS)
+    for e in events:
+        result = (e.result == "passed", e.result == "blocked", e.result == "error")
+        for grain, bucket in buckets_of(e.occurred_at):
+            row = counts[grain, e.chat_id, bucket]
+            row[0] += 1
+            row[1] += result[0]
+            row[2] += result[1]
+            row[3] += result[2]
+            row[4] += e.cached
+            row[offset + latency_bucket(e.latency_ms)] += 1
+            if result[1]:
+                for channel_id in set(e.missing_channel_ids):
+                    blocks[grain, e.chat_id, bucket, channel_id] += 1
+            users[grain, e.chat_id, bucket].append(e.user_id)
+            users[grain, ALL_GROUPS, bucket].append(e.user_id)
+
+    names = (*COUNTERS, *LATENCY_COLUMNS)
+    rows = [
+        {"grain": g, "chat_id": c, "bucket": b, **dict(zip(names, values, strict=True))}
+        for (g, c, b), values in sorted(counts.items())
+    ]
+    statement, params = bulk_insert(session, rollups, rows)
+    statement = statement.on_conflict_do_update(
+        index_elements=["grain", "chat_id", "bucket"],
+        set_={n: rollups.c[n] + statement.excluded[n] for n in names},
+    )
+    await session.execute(statement, params)
+
+    if blocks:
+        rows = [
+            {"grain": g, "chat_id": c, "bucket": b, "channel_id": ch, "blocks": n}
+            for (g, c, b, ch), n in sorted(blocks.items())
+        ]
+        statement, params = bulk_insert(session, channel_rollups, rows)
+        statement = statement.on_conflict_do_update(
+            index_elements=["grain", "chat_id", "bucket", "channel_id"],
+            set_={"blocks": channel_rollups.c.blocks + statement.excluded.blocks},
+        )
+        await session.execute(statement, params)
+
+    await merge_sketches(session, users)
+
+
+async def merge_sketches(
+    session: AsyncSession, users: dict[tuple[str, int, datetime], list[int]]
+) -> None:
+    """Read-modify-write of the touched sketches under row locks, in key order (no
+    deadlocks). Last in the transaction, so the all-groups rows are locked only briefly."""
+    keys = sorted(users)
+    empty = [{"grain": g, "chat_id": c, "bucket": b, "registers": b""} for g, c, b in keys]
+    statement, params = bulk_insert(session, user_sketches, empty)
+    await session.execute(
+        statement.on_conflict_do_nothing(index_elements=["grain", "chat_id", "bucket"]), params
+    )
+    wanted = or_(*[_key_clause(user_sketches, g, c, b) for g, c, b in keys])
+    query = select(
+        user_sketches.c.id,
+        user_sketches.c.grain,
+        user_sketches.c.chat_id,
+        user_sketches.c.bucket,
+        user_sketches.c.registers,
+    ).where(wanted)
+    query = query.order_by(user_sketches.c.id).with_for_update()
+    updates = []
+    for row in await session.execute(query):
+        registers = decode(row.registers)
+        index, rank = hll_updates(np.asarray(users[row.grain, row.chat_id, row.bucket]))
+        np.maximum.at(registers, index, rank)
+        updates.append({"row_id": row.id, "new_registers": encode(registers)})
+    if updates:
+        await session.execute(
+            update(user_sketches)
+            .where(user_sketches.c.id == bindparam("row_id"))
+            .values(registers=bindparam("new_registers")),
+            updates,
+        )
+
+
+def _key_clause(table: Any, grain: str, chat_id: int, bucket: datetime) -> ColumnElement[bool]:
+    return and_(table.c.grain == grain, table.c.chat_id == chat_id, table.c.bucket == bucket)
+
+
+# ---------------------------------------------------------------- windows
+
+
+@dataclass(frozen=True)
+class Window:
+    since: datetime
+    until: datetime
+
+    def parts(self) -> list[tuple[str, datetime, datetime]]:
+        """(grain, from, to) ranges covering the window with as few rows as possible."""
+        first_day = floor_day(self.since)
+        if first_day < self.since:
+            first_day += DAY
+        last_day = floor_day(self.until)
+        if first_day >= last_day:
+            return [("h", self.since, self.until)]
+        parts = []
+        if self.since < first_day:
+            parts.append(("h", self.since, first_day))
+        parts.append(("d", first_day, last_day))
+        if last_day < self.until:
+            parts.append(("h", last_day, self.until))
+        return parts
+
+    def where(self, table: Any) -> ColumnElement[bool]:
+        return or_(
+            *[
+                and_(table.c.grain == g, table.c.bucket >= a, table.c.bucket < b)
+                for g, a, b in self.parts()
+            ]
+        )
+
+
+def group_filter(table: Any, chat_id: int | None) -> list[ColumnElement[bool]]:
+    return [] if chat_id is None else [table.c.chat_id == chat_id]
+
+
+def rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def percentile(histogram: Sequence[int], fraction: float) -> float | None:
+    """The latency below which `fraction` of checks fell, interpolated inside its bucket."""
+    total = sum(histogram)
+    if not total:
+        return None
+    target = fraction * total
+    seen = 0
+    for i, count in enumerate(histogram):
+        if count and seen + count >= target:
+            low = 0 if i == 0 else LATENCY_EDGES_MS[i - 1]
+            if i == len(LATENCY_EDGES_MS):
+                return float(low)  # open-ended last bucket: report its lower edge
+            high = LATENCY_EDGES_MS[i]
+            return round(low + (high - low) * (target - seen) / count, 1)
+        seen += count
+    return None
+
+
+async def counters(session: AsyncSession, window: Window, chat_id: int | None) -> dict[str, Any]:
+    names = (*COUNTERS, *LATENCY_COLUMNS)
+    row = (
+        await session.execute(
+            select(
+                *[func.coalesce(func.sum(rollups.c[n]), 0) for n in names],
+                func.count(func.distinct(rollups.c.chat_id)),
+            ).where(window.where(rollups), *group_filter(rollups, chat_id))
+        )
+    ).one()
+    sums = dict(zip(names, (int(v) for v in row[: len(names)]), strict=True))
+    return {**sums, "active_groups": int(row[len(names)])}
+
+
+async def unique_users(session: AsyncSession, window: Window, chat_id: int | None) -> int:
+    scope = ALL_GROUPS if chat_id is None else chat_id
+    blobs = await session.scalars(
+        select(user_sketches.c.registers).where(
+            window.where(user_sketches), user_sketches.c.chat_id == scope
+        )
+    )
+    registers = np.zeros(M, dtype=np.uint8)
+    for blob in blobs:
+        np.maximum(registers, decode(blob), out=registers)
+    return estimate(registers)
+
+
+def fill_points(
+    rows: Iterable[Any], since: datetime, until: datetime, step: timedelta
+) -> list[dict[str, Any]]:
+    found = {row.bucket: row for row in rows}
+    points = []
+    t = since
+    while t < until:
+        row = found.get(t)
+        points.append(
+            {
+                "t": t,
+                "checks": int(row.checks) if row else 0,
+                "passed": int(row.passed) if row else 0,
+                "blocked": int(row.blocked) if row else 0,
+                "errors": int(row.errors) if row else 0,
+            }
+        )
+        t += step
+    return points
+
+
+async def timeseries(
+    session: AsyncSession, grain: str, since: datetime, until: datetime, chat_id: int | None
+) -> list[dict[str, Any]]:
+    rows = await session.execute(
+        select(
+            rollups.c.bucket,
+            *[func.sum(rollups.c[n]).label(n) for n in ("checks", "passed", "blocked", "errors")],
+        )
+        .where(
+            rollups.c.grain == grain,
+            rollups.c.bucket >= since,
+            rollups.c.bucket < until,
+            *group_filter(rollups, chat_id),
+        )
+        .group_by(rollups.c.bucket)
+    )
+    return fill_points(rows, since, until, HOUR if grain == "h" else DAY)
+
+
+async def top_groups(session: AsyncSession, window: Window, limit: int) -> list[Any]:
+    checks = func.sum(rollups.c.checks).label("checks")
+    return list(
+        await session.execute(
+            select(
+                rollups.c.chat_id,
+                checks,
+                func.sum(rollups.c.passed).label("passed"),
+                func.sum(rollups.c.blocked).label("blocked"),
+            )
+            .where(window.where(rollups))
+            .group_by(rollups.c.chat_id)
+            .order_by(checks.desc(), rollups.c.chat_id)
+            .limit(limit)
+        )
+    )
+
+
+async def channel_blocks(session: AsyncSession, window: Window, chat_id: int | None) -> list[Any]:
+    blocks = func.sum(channel_rollups.c.blocks).label("blocks")
+    return list(
+        await session.execute(
+            select(channel_rollups.c.channel_id, blocks)
+            .where(window.where(channel_rollups), *group_filter(channel_rollups, chat_id))
+            .group_by(channel_rollups.c.channel_id)
+            .order_by(blocks.desc(), channel_rollups.c.channel_id)
+        )
+    )
