@@ -37,6 +37,7 @@ P = 14  # 16384 registers: standard error 1.04 / sqrt(2^14) = 0.8 %
 M = 1 << P
 ALPHA = 0.7213 / (1 + 1.079 / M)
 DENSE, SPARSE = b"\x00", b"\x01"
+KEYS_PER_QUERY = 100  # (grain, chat, bucket) triples per lookup: SQLite caps expression depth
 
 
 def hll_updates(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,21 +171,26 @@ async def merge_sketches(
     await session.execute(
         statement.on_conflict_do_nothing(index_elements=["grain", "chat_id", "bucket"]), params
     )
-    wanted = or_(*[_key_clause(user_sketches, g, c, b) for g, c, b in keys])
-    query = select(
-        user_sketches.c.id,
-        user_sketches.c.grain,
-        user_sketches.c.chat_id,
-        user_sketches.c.bucket,
-        user_sketches.c.registers,
-    ).where(wanted)
-    query = query.order_by(user_sketches.c.id).with_for_update()
     updates = []
-    for row in await session.execute(query):
-        registers = decode(row.registers)
-        index, rank = hll_updates(np.asarray(users[row.grain, row.chat_id, row.bucket]))
-        np.maximum.at(registers, index, rank)
-        updates.append({"row_id": row.id, "new_registers": encode(registers)})
+    for start in range(0, len(keys), KEYS_PER_QUERY):
+        chunk = keys[start : start + KEYS_PER_QUERY]
+        query = (
+            select(
+                user_sketches.c.id,
+                user_sketches.c.grain,
+                user_sketches.c.chat_id,
+                user_sketches.c.bucket,
+                user_sketches.c.registers,
+            )
+            .where(or_(*[_key_clause(user_sketches, g, c, b) for g, c, b in chunk]))
+            .order_by(user_sketches.c.id)
+            .with_for_update()
+        )
+        for row in await session.execute(query):
+            registers = decode(row.registers)
+            index, rank = hll_updates(np.asarray(users[row.grain, row.chat_id, row.bucket]))
+            np.maximum.at(registers, index, rank)
+            updates.append({"row_id": row.id, "new_registers": encode(registers)})
     if updates:
         await session.execute(
             update(user_sketches)

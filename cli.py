@@ -261,6 +261,54 @@ def seed_demo(args: argparse.Namespace) -> None:
     print(f"seeded {args.groups} groups and {args.events:,} verification events")
 
 
+async def _purge(settings: Settings, days: int, batch: int) -> int:
+    from datetime import timedelta
+
+    from sqlalchemy import delete, select
+    from sqlmodel import col
+
+    from db import Database
+    from models import Verification, utcnow
+
+    cutoff = utcnow() - timedelta(days=days)
+    db = Database(settings)
+    deleted = 0
+    try:
+        while True:
+            # Small batches by primary key: each transaction is short and locks few rows,
+            # so ingestion and the dashboard carry on while old events go.
+            async with db.sessionmaker() as session:
+                oldest = (
+                    select(col(Verification.id))
+                    .where(col(Verification.occurred_at) < cutoff)
+                    .order_by(col(Verification.occurred_at))
+                    .limit(batch)
+                )
+                result = await session.execute(
+                    delete(Verification).where(col(Verification.id).in_(oldest.scalar_subquery()))
+                )
+                await session.commit()
+            count = result.rowcount  # pyrefly: ignore[missing-attribute]
+            deleted += count
+            print(f"\rdeleted {deleted:,} events older than {cutoff:%Y-%m-%d %H:%M} UTC", end="",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            if count < batch:
+                break
+    finally:
+        print(file=sys.stderr)
+        await db.dispose()
+    return deleted
+
+
+def purge(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    days = args.days or settings.retention_days
+    if days < 1:
+        sys.exit("channelgate: --days must be at least 1")
+    deleted = asyncio.run(_purge(settings, days, args.batch))
+    print(f"purged {deleted:,} verification events older than {days} days (rollups kept)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="channelgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -293,6 +341,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(run=seed_demo)
+
+    p = commands.add_parser("purge", help="delete raw verification events past retention")
+    p.add_argument("--days", type=int, default=None, help="default: RETENTION_DAYS (90)")
+    p.add_argument("--batch", type=int, default=10_000)
+    p.set_defaults(run=purge)
 
     args = parser.parse_args(argv)
     args.run(args)
