@@ -37,7 +37,7 @@ P = 14  # 16384 registers: standard error 1.04 / sqrt(2^14) = 0.8 %
 M = 1 << P
 ALPHA = 0.7213 / (1 + 1.079 / M)
 DENSE, SPARSE = b"\x00", b"\x01"
-KEYS_PER_QUERY = 100  # (grain, chat, bucket) triples per lookup: SQLite caps expression depth
+KEYS_PER_QUERY = 500  # buckets per sketch lookup, well under SQLite's parameter limit
 
 
 def hll_updates(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +163,7 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
 async def merge_sketches(
     session: AsyncSession, users: dict[tuple[str, int, datetime], list[int]]
 ) -> None:
-    """Read-modify-write of the touched sketches under row locks, in key order (no
+    """Read-modify-write of the touched sketches under row locks, in id order (no
     deadlocks). Last in the transaction, so the all-groups rows are locked only briefly."""
     keys = sorted(users)
     empty = [{"grain": g, "chat_id": c, "bucket": b, "registers": b""} for g, c, b in keys]
@@ -171,9 +171,15 @@ async def merge_sketches(
     await session.execute(
         statement.on_conflict_do_nothing(index_elements=["grain", "chat_id", "bucket"]), params
     )
+    # Hash every user of the batch once; each sketch then takes its users' (index, rank).
+    all_users = np.fromiter({u for ids in users.values() for u in ids}, dtype=np.int64)
+    index, rank = hll_updates(all_users)
+    position = {int(u): i for i, u in enumerate(all_users)}
+    chat_ids = sorted({c for _, c, _ in keys})
+    buckets = sorted({b for _, _, b in keys})
     updates = []
-    for start in range(0, len(keys), KEYS_PER_QUERY):
-        chunk = keys[start : start + KEYS_PER_QUERY]
+    for start in range(0, len(buckets), KEYS_PER_QUERY):
+        # chat ids x buckets is a superset of the keys, and a statement SQLAlchemy can cache
         query = (
             select(
                 user_sketches.c.id,
@@ -182,14 +188,20 @@ async def merge_sketches(
                 user_sketches.c.bucket,
                 user_sketches.c.registers,
             )
-            .where(or_(*[_key_clause(user_sketches, g, c, b) for g, c, b in chunk]))
+            .where(
+                user_sketches.c.chat_id.in_(chat_ids),
+                user_sketches.c.bucket.in_(buckets[start : start + KEYS_PER_QUERY]),
+            )
             .order_by(user_sketches.c.id)
             .with_for_update()
         )
         for row in await session.execute(query):
+            members = users.get((row.grain, row.chat_id, row.bucket))
+            if members is None:
+                continue
             registers = decode(row.registers)
-            index, rank = hll_updates(np.asarray(users[row.grain, row.chat_id, row.bucket]))
-            np.maximum.at(registers, index, rank)
+            at = [position[u] for u in members]
+            np.maximum.at(registers, index[at], rank[at])
             updates.append({"row_id": row.id, "new_registers": encode(registers)})
     if updates:
         await session.execute(
@@ -198,10 +210,6 @@ async def merge_sketches(
             .values(registers=bindparam("new_registers")),
             updates,
         )
-
-
-def _key_clause(table: Any, grain: str, chat_id: int, bucket: datetime) -> ColumnElement[bool]:
-    return and_(table.c.grain == grain, table.c.chat_id == chat_id, table.c.bucket == bucket)
 
 
 # ---------------------------------------------------------------- windows

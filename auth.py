@@ -6,7 +6,6 @@ Dependencies: `CurrentStaff` (any staff), `Editor`, `Owner`, `BotCaller`.
 import asyncio
 import hashlib
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -22,7 +21,7 @@ from sqlmodel import col
 
 from db import SessionDep
 from models import ROLE_RANK, BotKey, Role, Staff, utcnow
-from settings import Settings
+from settings import BOT_KEY_RE, Settings
 
 log = logging.getLogger("channelgate.auth")
 
@@ -32,7 +31,6 @@ JWKS_MAX_AGE = 600.0
 JWKS_MIN_REFETCH_INTERVAL = 30.0
 BOT_KEY_TTL = 5.0
 BOT_KEY_CACHE_MAX = 10_000
-BOT_KEY_RE = re.compile(r"^cgk_[A-Za-z0-9_-]{43}$")
 
 
 def unauthorized(detail: str) -> HTTPException:
@@ -136,7 +134,7 @@ class AuthState:
             hash_key(key): BotIdentity(id=f"env:{name}", name=name)
             for name, key in settings.env_bot_keys.items()
         }
-        self.owner_ids = {str(uuid.UUID(u)) for u in settings.owner_user_ids}
+        self.owner_ids = set(settings.owner_user_ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,7 @@
 """Every environment variable the service reads, with its default and validation."""
 
+import re
+import uuid
 from functools import lru_cache
 from typing import Annotated, Literal, Self
 
@@ -7,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOCAL_SUPABASE_URL = "http://127.0.0.1:54321"
+BOT_KEY_RE = re.compile(r"^cgk_[A-Za-z0-9_-]{43}$")
 
 
 def _split_csv(value: object) -> object:
@@ -60,8 +63,13 @@ class Settings(BaseSettings):
             object.__setattr__(self, "supabase_url", self.supabase_url.rstrip("/"))
         for name_key in self.bot_api_keys:
             name, sep, key = name_key.partition(":")
-            if not sep or not name or not key.startswith("cgk_") or len(key) != 47:
+            if not sep or not name or not BOT_KEY_RE.fullmatch(key):
                 raise ValueError("BOT_API_KEYS entries must be name:cgk_<43 url-safe chars>")
+        try:
+            owners = [str(uuid.UUID(u)) for u in self.owner_user_ids]
+        except ValueError:
+            raise ValueError("OWNER_USER_IDS entries must be Supabase user UUIDs") from None
+        object.__setattr__(self, "owner_user_ids", owners)
         if self.environment == "production" and not (self.jwks_url or self.supabase_jwt_secret):
             raise ValueError(
                 "production needs SUPABASE_URL, SUPABASE_JWKS_URL or SUPABASE_JWT_SECRET "

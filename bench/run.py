@@ -107,10 +107,14 @@ async def ingest_load(base: str, key: str, batches: list[bytes], clients: int) -
             while queue:
                 body = queue.pop()
                 started = time.perf_counter()
-                response = await client.post("/api/v1/bot/verifications", content=body, headers=headers)
+                response = await client.post(
+                    "/api/v1/bot/verifications", content=body, headers=headers
+                )
                 latencies.append((time.perf_counter() - started) * 1000)
                 if response.status_code != 200:
-                    raise SystemExit(f"ingestion failed: {response.status_code} {response.text[:300]}")
+                    raise SystemExit(
+                        f"ingestion failed: {response.status_code} {response.text[:300]}"
+                    )
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
@@ -127,10 +131,18 @@ async def driver_ceiling(dsn: str, batches: list[list[dict[str, Any]]], clients:
     prepared = [
         [
             (
-                uuid.UUID(e["event_id"]), e["chat_id"], e["user_id"], e["result"], e["trigger"],
-                json.dumps(e["missing_channel_ids"]), e["cached"], e["latency_ms"], None,
-                datetime.fromisoformat(e["occurred_at"]), datetime.now(UTC),
-            )  # fmt: skip
+                uuid.UUID(e["event_id"]),
+                e["chat_id"],
+                e["user_id"],
+                e["result"],
+                e["trigger"],
+                json.dumps(e["missing_channel_ids"]),
+                e["cached"],
+                e["latency_ms"],
+                None,
+                datetime.fromisoformat(e["occurred_at"]),
+                datetime.now(UTC),
+            )
             for e in batch
         ]
         for batch in batches
@@ -176,10 +188,15 @@ async def setup(url: str) -> str:
         await session.flush()
         await session.execute(
             insert(GroupChannel),
-            [{"group_id": group.id, "channel_id": c.id, "position": i} for i, c in enumerate(channels)],
+            [
+                {"group_id": group.id, "channel_id": c.id, "position": i}
+                for i, c in enumerate(channels)
+            ],
         )
         await session.commit()
-        key = (await create_key(session, Principal(kind="staff", id="bench", name="bench"), "bench")).key
+        key = (
+            await create_key(session, Principal(kind="staff", id="bench", name="bench"), "bench")
+        ).key
     await db.dispose()
     return key
 
@@ -241,7 +258,8 @@ def main() -> None:
         results["driver"] = {"events_per_s": len(driver_events) / seconds}
         log(f"driver: {results['driver']}")
     finally:
-        subprocess.run(["psql", admin, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"])
+        drop = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        subprocess.run(["psql", admin, "-qc", drop], check=False)
     report(results, args)
 
 
@@ -255,7 +273,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     ingest, driver = results["ingest"], results["driver"]
     lines = [
         f"# bench/run.py — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
         f"policy: wrk -t1 -c{args.connections} -d{args.seconds}s; ingestion: {args.batches} "
         f"batches of 500 from {args.clients} clients",
         "",

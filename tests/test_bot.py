@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlmodel import col
 
 from models import Member, Verification
 from tests.conftest import Harness, JWKSServer, Tokens, problem, start_harness
@@ -298,7 +299,8 @@ async def test_ingest_is_idempotent_within_and_across_batches(harness, client, b
     assert retried.json() == {"accepted": 1, "duplicates": 5}
     assert await count(harness, Verification) == 6
     async with harness.sessionmaker() as session:
-        checks = dict((await session.execute(select(Member.user_id, Member.checks))).all())
+        rows = await session.execute(select(col(Member.user_id), col(Member.checks)))
+        checks = {user_id: n for user_id, n in rows}
     assert checks == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 9: 1}
 
 
@@ -465,7 +467,7 @@ async def test_heartbeats_show_up_in_bots(harness, client, bot, viewer):
 
         await session.execute(
             update(BotInstance)
-            .where(BotInstance.instance_id == "bot-0")
+            .where(col(BotInstance.instance_id) == "bot-0")
             .values(last_seen_at=now() - timedelta(seconds=61))
         )
         await session.commit()

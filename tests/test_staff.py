@@ -1,0 +1,234 @@
+"""Staff: listing (environment and database owners), PUT create/change, the last-owner rule,
+environment owners, validation and audit."""
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ENV_OWNER, Harness, clean_database, problem, start_harness
+
+pytestmark = pytest.mark.anyio
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+async def solo(database_url: str, jwks_server: Any, tokens: Any) -> AsyncIterator[Harness]:
+    """An app whose OWNER_USER_IDS is empty: every owner lives in the database."""
+    await clean_database(database_url)
+    async for h in start_harness(database_url, jwks_server.url, tokens, owner_user_ids=[]):
+        yield h
+
+
+async def staff_list(client: httpx.AsyncClient, auth: dict[str, str]) -> list[dict[str, Any]]:
+    response = await client.get("/api/v1/staff", headers=auth)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["total"] == len(body["items"]) and body["next_cursor"] is None
+    return body["items"]
+
+
+async def audit_rows(client: httpx.AsyncClient, auth: dict[str, str], action: str) -> list[dict]:
+    response = await client.get("/api/v1/audit", params={"action": action}, headers=auth)
+    assert response.status_code == 200, response.text
+    return response.json()["items"]
+
+
+async def put(
+    client: httpx.AsyncClient, auth: dict[str, str], user_id: str, /, **body: Any
+) -> httpx.Response:
+    return await client.put(f"/api/v1/staff/{user_id}", json=body, headers=auth)
+
+
+async def test_list_has_environment_owner_and_database_staff(harness: Harness, owner):
+    editor_id, viewer_id = new_id(), new_id()
+    await harness.add_staff("editor", editor_id)
+    await harness.add_staff("viewer", viewer_id)
+    items = await staff_list(harness.client, owner)
+    assert items[0] == {
+        "user_id": ENV_OWNER,
+        "email": None,
+        "role": "owner",
+        "created_at": None,
+        "source": "environment",
+    }
+    rest = {i["user_id"]: (i["role"], i["source"]) for i in items[1:]}
+    assert rest == {editor_id: ("editor", "database"), viewer_id: ("viewer", "database")}
+    assert all(i["created_at"].endswith("Z") for i in items[1:])
+
+
+async def test_environment_owner_with_a_database_row_is_listed_once(harness: Harness, owner):
+    response = await put(harness.client, owner, ENV_OWNER, role="owner", email="boss@example.com")
+    assert response.status_code == 201, response.text
+    assert response.json()["source"] == "environment"
+    items = await staff_list(harness.client, owner)
+    assert [(i["user_id"], i["source"], i["email"]) for i in items] == [
+        (ENV_OWNER, "environment", "boss@example.com")
+    ]
+
+
+async def test_put_creates_then_changes(harness: Harness, owner):
+    client, user_id = harness.client, new_id()
+    created = await put(client, owner, user_id, role="viewer", email=" Ann@example.com ")
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["user_id"] == user_id and body["role"] == "viewer"
+    assert body["email"] == "Ann@example.com" and body["source"] == "database"
+    assert (await client.get("/api/v1/me", headers=harness.auth(user_id))).json()[
+        "role"
+    ] == "viewer"
+
+    changed = await put(client, owner, user_id, role="editor")
+    assert changed.status_code == 200, changed.text
+    assert changed.json() == {**body, "role": "editor"}  # email kept when not sent
+    me = await client.get("/api/v1/me", headers=harness.auth(user_id))
+    assert me.json()["role"] == "editor"
+
+    cleared = await put(client, owner, user_id, role="editor", email=None)
+    assert cleared.status_code == 200 and cleared.json()["email"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "error_type"),
+    [
+        ({"role": "viewer", "email": "not-an-email"}, ["body", "email"], "string_pattern_mismatch"),
+        ({"role": "viewer", "email": "a b@c.de"}, ["body", "email"], "string_pattern_mismatch"),
+        (
+            {"role": "viewer", "email": "ann@localhost"},
+            ["body", "email"],
+            "string_pattern_mismatch",
+        ),
+        ({"role": "viewer", "email": "a" * 320 + "@x.io"}, ["body", "email"], "string_too_long"),
+        ({"role": "admin"}, ["body", "role"], "literal_error"),
+        ({"email": "ann@example.com"}, ["body", "role"], "missing"),
+        ({"role": "viewer", "name": "Ann"}, ["body", "name"], "extra_forbidden"),
+        ({"role": "viewer", "user_id": ENV_OWNER}, ["body", "user_id"], "extra_forbidden"),
+    ],
+)
+async def test_put_invalid_body_is_422(harness: Harness, owner, body, loc, error_type):
+    user_id = new_id()
+    body_out = problem(
+        await harness.client.put(f"/api/v1/staff/{user_id}", json=body, headers=owner), 422
+    )
+    assert [(e["loc"], e["type"]) for e in body_out["errors"]] == [(loc, error_type)]
+    assert len(await staff_list(harness.client, owner)) == 1  # nothing was added
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+@pytest.mark.parametrize("user_id", ["not-a-uuid", "123", "00000000-0000-4000-8000-00000000e0e"])
+async def test_invalid_uuid_in_path_is_422(harness: Harness, owner, method, user_id):
+    response = await harness.client.request(
+        method, f"/api/v1/staff/{user_id}", json={"role": "viewer"}, headers=owner
+    )
+    body = problem(response, 422)
+    assert body["errors"][0]["loc"] == ["path", "user_id"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "json"),
+    [
+        ("GET", "/api/v1/staff", None),
+        ("PUT", f"/api/v1/staff/{ENV_OWNER}", {"role": "viewer"}),
+        ("DELETE", f"/api/v1/staff/{ENV_OWNER}", None),
+    ],
+)
+async def test_staff_routes_need_an_owner(harness: Harness, editor, method, path, json):
+    response = await harness.client.request(method, path, json=json, headers=editor)
+    assert problem(response, 403)["detail"] == "this needs the owner role"
+
+
+async def test_delete_unknown_is_404(harness: Harness, owner):
+    user_id = new_id()
+    response = await harness.client.delete(f"/api/v1/staff/{user_id}", headers=owner)
+    assert problem(response, 404)["detail"] == f"staff member {user_id} not found"
+
+
+async def test_delete_removes_access(harness: Harness, owner):
+    user_id = new_id()
+    auth = await harness.add_staff("editor", user_id)
+    response = await harness.client.delete(f"/api/v1/staff/{user_id}", headers=owner)
+    assert response.status_code == 204 and response.content == b""
+    assert [i["user_id"] for i in await staff_list(harness.client, owner)] == [ENV_OWNER]
+    denied = problem(await harness.client.get("/api/v1/me", headers=auth), 403)
+    assert denied["detail"] == "this account is not channelgate staff"
+
+
+@pytest.mark.parametrize("role", ["editor", "viewer"])
+async def test_environment_owner_cannot_be_demoted(harness: Harness, owner, role):
+    body = problem(await put(harness.client, owner, ENV_OWNER, role=role), 409)
+    assert body["detail"] == "this user is an owner through OWNER_USER_IDS; change it there"
+    assert (await staff_list(harness.client, owner))[0]["role"] == "owner"
+
+
+async def test_environment_owner_cannot_be_deleted(harness: Harness, owner):
+    await put(harness.client, owner, ENV_OWNER, role="owner")  # with a database row too
+    response = await harness.client.delete(f"/api/v1/staff/{ENV_OWNER}", headers=owner)
+    body = problem(response, 409)
+    assert body["detail"] == "this user is an owner through OWNER_USER_IDS; remove them there"
+    assert [i["user_id"] for i in await staff_list(harness.client, owner)] == [ENV_OWNER]
+
+
+async def test_database_owner_can_be_removed_while_an_environment_owner_remains(
+    harness: Harness, owner
+):
+    user_id = new_id()
+    await harness.add_staff("owner", user_id)
+    assert (await put(harness.client, owner, user_id, role="viewer")).status_code == 200
+    response = await harness.client.delete(f"/api/v1/staff/{user_id}", headers=owner)
+    assert response.status_code == 204
+
+
+async def test_last_database_owner_cannot_be_demoted_or_deleted(solo: Harness):
+    client, user_id = solo.client, new_id()
+    auth = await solo.add_staff("owner", user_id)
+    for role in ("editor", "viewer"):
+        body = problem(await put(client, auth, user_id, role=role), 409)
+        assert body["detail"] == "this would leave no owner"
+    body = problem(await client.delete(f"/api/v1/staff/{user_id}", headers=auth), 409)
+    assert body["detail"] == "this is the last owner"
+    items = await staff_list(client, auth)
+    assert [(i["user_id"], i["role"], i["source"]) for i in items] == [
+        (user_id, "owner", "database")
+    ]
+    assert await audit_rows(client, auth, "staff.put") == []
+    assert await audit_rows(client, auth, "staff.delete") == []
+
+
+async def test_with_two_owners_one_can_go(solo: Harness):
+    client, first, second = solo.client, new_id(), new_id()
+    first_auth = await solo.add_staff("owner", first)
+    second_auth = await solo.add_staff("owner", second)
+    assert (await put(client, first_auth, second, role="editor")).status_code == 200
+    # second is an editor now, so first is the last owner and cannot step down
+    assert problem(await put(client, first_auth, first, role="viewer"), 409)
+    assert (await put(client, first_auth, second, role="owner")).status_code == 200
+    assert (await client.delete(f"/api/v1/staff/{first}", headers=second_auth)).status_code == 204
+    assert [i["user_id"] for i in await staff_list(client, second_auth)] == [second]
+    body = problem(await client.delete(f"/api/v1/staff/{second}", headers=second_auth), 409)
+    assert body["detail"] == "this is the last owner"
+
+
+async def test_put_and_delete_are_audited(harness: Harness, owner):
+    client, user_id = harness.client, new_id()
+    await put(client, owner, user_id, role="viewer", email="ann@example.com")
+    await put(client, owner, user_id, role="editor")
+    await client.delete(f"/api/v1/staff/{user_id}", headers=owner)
+
+    changed, created = await audit_rows(client, owner, "staff.put")
+    for row in (changed, created):
+        assert row["resource"] == "staff" and row["resource_id"] == user_id
+        assert row["actor"]["kind"] == "staff" and row["actor"]["id"] == ENV_OWNER
+        assert row["request_id"]
+    assert created["before"] is None
+    assert created["after"]["role"] == "viewer"
+    assert created["after"]["email"] == "ann@example.com"
+    assert changed["before"]["role"] == "viewer" and changed["after"]["role"] == "editor"
+
+    (deleted,) = await audit_rows(client, owner, "staff.delete")
+    assert deleted["resource_id"] == user_id and deleted["after"] is None
+    assert deleted["before"]["role"] == "editor"
