@@ -20,7 +20,7 @@ from alembic.config import Config
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -28,7 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from auth import BOT_KEY_SCHEME, AuthState
 from db import POLICY_CHANNEL, Database, Listener
 from feed import FEED_CHANNEL, Feed
-from routes import PolicyCache, bot, dashboard, service
+from routes import Counter, PolicyCache, bot, dashboard, service
 from settings import Settings, get_settings
 
 Scope = MutableMapping[str, Any]
@@ -129,6 +129,57 @@ async def database_unavailable(request: Request, error: Exception) -> JSONRespon
     )
 
 
+class Metrics:
+    """Request counts and latency histograms by route template, in Prometheus text format."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[tuple[str, str], list[float]] = {}  # bucket counts, then sum
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        series = self.latency.setdefault((method, route), [0.0] * (len(self.BUCKETS) + 2))
+        for i, edge in enumerate(self.BUCKETS):
+            if seconds <= edge:
+                series[i] += 1
+        series[-2] += 1  # +Inf
+        series[-1] += seconds
+
+    def render(self, app: FastAPI) -> str:
+        lines = [
+            "# TYPE channelgate_requests_total counter",
+            *(
+                f'channelgate_requests_total{{method="{m}",route="{r}",status="{s}"}} {n}'
+                for (m, r, s), n in sorted(self.requests.items())
+            ),
+            "# TYPE channelgate_request_seconds histogram",
+        ]
+        for (m, r), series in sorted(self.latency.items()):
+            labels = f'method="{m}",route="{r}"'
+            for edge, count in zip((*self.BUCKETS, "+Inf"), series[:-1], strict=True):
+                lines.append(
+                    f'channelgate_request_seconds_bucket{{{labels},le="{edge}"}} {count:g}'
+                )
+            lines.append(f"channelgate_request_seconds_count{{{labels}}} {series[-2]:g}")
+            lines.append(f"channelgate_request_seconds_sum{{{labels}}} {series[-1]:.6f}")
+        pool = app.state.db.engine.pool
+        lines += [
+            "# TYPE channelgate_db_pool_connections gauge",
+            f'channelgate_db_pool_connections{{state="checked_out"}} {pool.checkedout()}',
+            f'channelgate_db_pool_connections{{state="idle"}} {pool.checkedin()}',
+            "# TYPE channelgate_ingested_events_total counter",
+            f"channelgate_ingested_events_total {app.state.ingested.total}",
+            "# TYPE channelgate_feed_dropped_total counter",
+            f"channelgate_feed_dropped_total {app.state.feed.dropped}",
+            "# TYPE channelgate_feed_subscribers gauge",
+            f"channelgate_feed_subscribers {len(app.state.feed.subscribers)}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
 class BodyTooLarge(HTTPException):
     """Raised from `receive` (FastAPI passes HTTPExceptions raised while reading through)."""
 
@@ -140,8 +191,9 @@ class Gate:
     """One pure-ASGI layer for every request: request id, body limits, JSON-only bodies,
     security headers, access log, and a problem+json 500 that never leaks a stack trace."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -211,8 +263,15 @@ class Gate:
             if not status_holder[0]:
                 await reject(500, "internal error; quote the request id when reporting it")
         finally:
+            route = scope.get("route")
+            if self.metrics is not None:
+                self.metrics.observe(
+                    scope["method"],
+                    getattr(route, "path", "unmatched"),
+                    status_holder[0] or 500,
+                    time.perf_counter() - started,
+                )
             if access_log.isEnabledFor(logging.INFO):
-                route = scope.get("route")
                 access_log.info(
                     "request",
                     extra={
@@ -304,6 +363,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.auth = AuthState(settings, http)
             app.state.policies = policies
             app.state.feed = feed
+            app.state.ingested = Counter()
             try:
                 yield
             finally:
@@ -343,7 +403,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["ETag", "X-Request-ID", "Retry-After"],
             max_age=600,
         )
-    app.add_middleware(Gate)
+    metrics = Metrics() if settings.metrics_enabled else None
+    app.add_middleware(Gate, metrics=metrics)
+    if metrics is not None:
+
+        @app.get("/metrics", include_in_schema=True, tags=["service"])
+        async def read_metrics() -> PlainTextResponse:
+            """Prometheus metrics (METRICS_ENABLED=true)."""
+            return PlainTextResponse(metrics.render(app), media_type="text/plain; version=0.0.4")
+
     app.openapi = lambda: openapi_with_bot_security(app)  # pyrefly: ignore[bad-assignment]
     return app
 

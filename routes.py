@@ -9,6 +9,7 @@ import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -406,7 +407,7 @@ async def create_group(
 
 @dashboard.get("/groups/{chat_id}", response_model=GroupPublic, tags=["groups"])
 async def read_group(
-    group: GroupDep, session: SessionDep, _: CurrentStaff, response: Response
+    _: CurrentStaff, group: GroupDep, session: SessionDep, response: Response
 ) -> GroupPublic:
     """One group with its settings, required channels and member stats."""
     etag(response, group.version)
@@ -567,9 +568,9 @@ async def unlink_group_channel(
 
 @dashboard.get("/groups/{chat_id}/members", response_model=Page[MemberPublic], tags=["groups"])
 async def list_members(
+    _: CurrentStaff,  # first: dependencies run in order, and nobody learns what exists
     group: GroupDep,
     session: SessionDep,
-    _: CurrentStaff,
     status: Literal["verified", "restricted"] | None = None,
     limit: Limit = 50,
     cursor: Cursor = None,
@@ -1570,13 +1571,19 @@ async def list_channel_groups(
     return ChatRefList(items=[ChatRef(chat_id=c) for c in rows])
 
 
+@dataclass(slots=True)
+class Counter:
+    total: int = 0
+
+
 @bot.post("/verifications", response_model=IngestResult)
 async def ingest_verifications(
-    body: VerificationBatch, session: SessionDep, _: BotCaller
+    body: VerificationBatch, request: Request, session: SessionDep, _: BotCaller
 ) -> IngestResult:
     """Store a batch of verification results (idempotent by event_id)."""
     inserted = await ingest(session, body.events)
     await session.commit()
+    request.app.state.ingested.total += len(inserted)
     return IngestResult(accepted=len(inserted), duplicates=len(body.events) - len(inserted))
 
 

@@ -420,3 +420,21 @@ async def test_empty_env_lists(env):
     env.setenv("BOT_API_KEYS", " , ")
     loaded = Settings(_env_file=None)  # pyrefly: ignore[unexpected-keyword]
     assert loaded.owner_user_ids == [] and loaded.bot_api_keys == []
+
+
+async def test_metrics_are_off_by_default(client):
+    problem(await client.get("/metrics"), 404)
+
+
+async def test_metrics_count_requests_by_route(database_url, jwks_server, tokens):
+    await clean_database(database_url)
+    async for h in start_harness(database_url, jwks_server.url, tokens, metrics_enabled=True):
+        await h.client.get("/healthz")
+        await h.client.get("/api/v1/groups/-1001/members")  # 401, still counted
+        text = (await h.client.get("/metrics")).text
+        assert 'channelgate_requests_total{method="GET",route="/healthz",status="200"} 1' in text
+        route = "/api/v1/groups/{chat_id}/members"
+        assert f'channelgate_requests_total{{method="GET",route="{route}",status="401"}} 1' in text
+        assert 'channelgate_request_seconds_count{method="GET",route="/healthz"} 1' in text
+        assert "channelgate_ingested_events_total 0" in text
+        assert 'channelgate_db_pool_connections{state="checked_out"}' in text

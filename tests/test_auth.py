@@ -757,3 +757,10 @@ async def test_bot_routes_take_only_bot_keys(
         unauthorized(await call(bearer(token)), BOT_KEY_NEEDED)
     response = await call(bearer(ENV_BOT_KEY))
     assert response.status_code not in (401, 403), response.text
+
+
+@pytest.mark.parametrize("path", ["/api/v1/groups/-1009", "/api/v1/groups/-1009/members"])
+async def test_auth_comes_before_lookups(client, path):
+    """An unknown group is 401 for a caller without a token, not 404: nothing leaks."""
+    body = problem(await client.get(path), 401)
+    assert body["detail"] == "missing bearer token"
