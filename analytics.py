@@ -37,6 +37,7 @@ P = 14  # 16384 registers: standard error 1.04 / sqrt(2^14) = 0.8 %
 M = 1 << P
 ALPHA = 0.7213 / (1 + 1.079 / M)
 DENSE, SPARSE = b"\x00", b"\x01"
+EMPTY = np.zeros(0, dtype=np.uint8)
 KEYS_PER_QUERY = 500  # buckets per sketch lookup, well under SQLite's parameter limit
 
 
@@ -68,11 +69,28 @@ def decode(blob: bytes | None) -> np.ndarray:
     return registers
 
 
-def encode(registers: np.ndarray) -> bytes:
-    """Sparse (index, rank) pairs while few registers are set, dense bytes after."""
-    index = np.flatnonzero(registers).astype(np.uint16)
-    if len(index) * 3 < M:
-        return SPARSE + index.tobytes() + registers[index].tobytes()
+def merge(blob: bytes, index: np.ndarray, rank: np.ndarray) -> bytes:
+    """A stored sketch with more (register, rank) updates folded in. Sparse sketches (most:
+    one group's hour) stay small arrays; only a sketch that grows dense pays for 16 KiB."""
+    if not len(index):
+        return blob
+    if blob[:1] == DENSE:
+        registers = np.frombuffer(blob, dtype=np.uint8, offset=1).copy()
+        np.maximum.at(registers, index, rank)
+        return DENSE + registers.tobytes()
+    count = (len(blob) - 1) // 3 if blob else 0
+    old_index = np.frombuffer(blob, dtype=np.uint16, count=count, offset=1) if count else EMPTY
+    old_rank = np.frombuffer(blob, dtype=np.uint8, offset=1 + 2 * count) if count else EMPTY
+    all_index = np.concatenate([old_index.astype(np.intp), index])
+    all_rank = np.concatenate([old_rank.astype(np.uint8), rank])
+    order = np.lexsort((all_rank, all_index))  # by register, then rank: the max comes last
+    all_index, all_rank = all_index[order], all_rank[order]
+    last = np.append(all_index[1:] != all_index[:-1], True)
+    all_index, all_rank = all_index[last], all_rank[last]
+    if len(all_index) * 3 < M:
+        return SPARSE + all_index.astype(np.uint16).tobytes() + all_rank.tobytes()
+    registers = np.zeros(M, dtype=np.uint8)
+    registers[all_index] = all_rank
     return DENSE + registers.tobytes()
 
 
@@ -199,10 +217,10 @@ async def merge_sketches(
             members = users.get((row.grain, row.chat_id, row.bucket))
             if members is None:
                 continue
-            registers = decode(row.registers)
             at = [position[u] for u in members]
-            np.maximum.at(registers, index[at], rank[at])
-            updates.append({"row_id": row.id, "new_registers": encode(registers)})
+            updates.append(
+                {"row_id": row.id, "new_registers": merge(row.registers, index[at], rank[at])}
+            )
     if updates:
         await session.execute(
             update(user_sketches)
