@@ -6,6 +6,7 @@ is read as its leading partial day in hours, its whole days in days, and its tra
 day in hours. Unique users come from HyperLogLog sketches kept at the same two grains.
 """
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,6 @@ DAY = timedelta(days=1)
 
 P = 14  # 16384 registers: standard error 1.04 / sqrt(2^14) = 0.8 %
 M = 1 << P
-ALPHA = 0.7213 / (1 + 1.079 / M)
 DENSE, SPARSE = b"\x00", b"\x01"
 EMPTY = np.zeros(0, dtype=np.uint8)
 KEYS_PER_QUERY = 500  # buckets per sketch lookup, well under SQLite's parameter limit
@@ -95,11 +95,42 @@ def merge(blob: bytes, index: np.ndarray, rank: np.ndarray) -> bytes:
 
 
 def estimate(registers: np.ndarray) -> int:
-    raw = ALPHA * M * M / float(np.sum(np.ldexp(1.0, -registers.astype(np.int32))))
-    zeros = int(np.count_nonzero(registers == 0))
-    if raw <= 2.5 * M and zeros:
-        return round(M * np.log(M / zeros))  # linear counting: near exact for small sets
-    return round(raw)
+    """Ertl's improved estimator ("New cardinality estimation algorithms for HyperLogLog
+    sketches", 2017): no switch between linear counting and the raw formula, so no bias bump
+    around 2.5 x M users where the classic one overcounts by up to ~4 %."""
+    q = 64 - P
+    counts = np.bincount(registers, minlength=q + 2).astype(np.float64)
+    z = M * _tau(1 - counts[q + 1] / M)
+    for k in range(q, 0, -1):
+        z = 0.5 * (z + counts[k])
+    z += M * _sigma(counts[0] / M)
+    return round(M * M / (2 * math.log(2)) / z) if z else 0
+
+
+def _sigma(x: float) -> float:
+    if x == 1.0:
+        return math.inf
+    y, z = 1.0, x
+    while True:
+        x *= x
+        previous = z
+        z += x * y
+        y += y
+        if z == previous:
+            return z
+
+
+def _tau(x: float) -> float:
+    if x in (0.0, 1.0):
+        return 0.0
+    y, z = 1.0, 1.0 - x
+    while True:
+        x = math.sqrt(x)
+        previous = z
+        y *= 0.5
+        z -= (1 - x) ** 2 * y
+        if z == previous:
+            return z / 3
 
 
 # ---------------------------------------------------------------- ingestion side
@@ -181,8 +212,8 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
 async def merge_sketches(
     session: AsyncSession, users: dict[tuple[str, int, datetime], list[int]]
 ) -> None:
-    """Read-modify-write of the touched sketches under row locks, in id order (no
-    deadlocks). Last in the transaction, so the all-groups rows are locked only briefly."""
+    """Read-modify-write of the touched sketches under row locks. Last in the transaction,
+    so the all-groups rows are locked only briefly."""
     keys = sorted(users)
     empty = [{"grain": g, "chat_id": c, "bucket": b, "registers": b""} for g, c, b in keys]
     statement, params = bulk_insert(session, user_sketches, empty)
@@ -210,7 +241,8 @@ async def merge_sketches(
                 user_sketches.c.chat_id.in_(chat_ids),
                 user_sketches.c.bucket.in_(buckets[start : start + KEYS_PER_QUERY]),
             )
-            .order_by(user_sketches.c.id)
+            # every batch locks in (bucket, id) order, across chunks too: no deadlocks
+            .order_by(user_sketches.c.bucket, user_sketches.c.id)
             .with_for_update()
         )
         for row in await session.execute(query):

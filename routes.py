@@ -23,7 +23,16 @@ from sqlmodel import col
 
 import analytics
 from analytics import Window, floor_day, floor_hour
-from auth import BotCaller, CurrentStaff, Editor, Owner, Principal, hash_key, new_bot_key
+from auth import (
+    BotCaller,
+    CurrentStaff,
+    Editor,
+    Owner,
+    Principal,
+    bot_caller,
+    hash_key,
+    new_bot_key,
+)
 from db import POLICY_CHANNEL, Database, SessionDep, notify, upsert
 from feed import Feed, audit_rows
 from ingest import MemberDelta, ingest, local_status
@@ -79,6 +88,7 @@ from models import (
     Timeseries,
     TopGroup,
     TopGroups,
+    UserId,
     Verification,
     VerificationBatch,
     VerificationPublic,
@@ -988,12 +998,13 @@ ResultFilter = Annotated[Literal["passed", "blocked", "error"] | None, Query()]
 TriggerFilter = Annotated[
     Literal["message", "join", "button", "channel_leave", "recheck"] | None, Query()
 ]
-IdFilter = Annotated[int | None, Query(ge=-INT64, le=INT64)]
+# Filters follow the Telegram id rules too (422 for a service account or a positive group id).
+GroupQuery = Annotated[GroupChatId | None, Query()]
 
 
 def verification_filters(
-    group: IdFilter = None,
-    user: IdFilter = None,
+    group: GroupQuery = None,
+    user: Annotated[UserId | None, Query()] = None,
     result: ResultFilter = None,
     trigger: TriggerFilter = None,
     since: Since = None,
@@ -1128,9 +1139,6 @@ def analytics_window(since: datetime | None, until: datetime | None, grain: str 
     if start >= end:
         raise invalid_query("since", "must be before until (after truncation to the bucket)")
     return Window(start, end)
-
-
-GroupQuery = Annotated[int | None, Query(ge=-INT64, le=INT64)]
 
 
 @dashboard.get("/analytics/summary", response_model=AnalyticsSummary, tags=["analytics"])
@@ -1358,6 +1366,12 @@ async def read_policy(request: Request, _: BotCaller) -> Response:
         if entry[1] in tags or "*" in tags:
             return Response(status_code=304, headers={"ETag": entry[1]})
     return policy_response(entry, chat_id)
+
+
+async def read_policy_direct(request: Request) -> Response:
+    """`read_policy` without FastAPI's per-request dependency solving: app.py mounts it in
+    front of the documented route (same function, same checks, same errors)."""
+    return await read_policy(request, await bot_caller(request))
 
 
 def path_int(request: Request, name: str) -> int:
@@ -1590,7 +1604,7 @@ async def ingest_verifications(
 @bot.get("/groups/{chat_id}/members/{user_id}", response_model=MemberState)
 async def read_member_state(
     chat_id: ChatIdPath,
-    user_id: Annotated[int, Path(ge=-INT64, le=INT64)],
+    user_id: Annotated[UserId, Path()],
     session: SessionDep,
     _: BotCaller,
 ) -> MemberState:

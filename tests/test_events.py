@@ -1,0 +1,374 @@
+"""The live feed (GET /events, server-sent events): what subscribers receive, keep-alives,
+`?access_token=`, cross-replica delivery on PostgreSQL, bounded queues, disconnects.
+
+httpx's ASGITransport collects the whole body before returning a response, so an endless
+stream never arrives through it. Streams are therefore read from the harness app served by a
+real uvicorn server on 127.0.0.1 (random port, lifespan off: the harness already runs it), in
+the test's own event loop; one-shot answers (401, 403, 503) still go through the harness
+client."""
+
+import asyncio
+import json
+import logging
+import socket
+import uuid
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import text
+
+import feed as feed_module
+import routes
+from feed import Feed
+from tests.conftest import Harness, JWKSServer, Keys, Tokens, problem, start_harness
+
+pytestmark = pytest.mark.anyio
+
+EVENTS = "/api/v1/events"
+GROUP = -1001000000001
+WAIT = 5.0
+
+
+@pytest.fixture(scope="module")
+def jwks_server(keys: Keys) -> Iterator[JWKSServer]:
+    """One JWKS endpoint per module: shutting one down costs 0.5 s per test."""
+    server = JWKSServer()
+    server.jwks = keys.jwks()
+    yield server
+    server.httpd.shutdown()
+
+
+def event(user_id: int = 42, result: str = "passed", **fields: Any) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "chat_id": GROUP,
+        "user_id": user_id,
+        "result": result,
+        "trigger": "message",
+        "missing_channel_ids": [],
+        "cached": False,
+        "latency_ms": 120,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        **fields,
+    }
+
+
+async def post_events(harness: Harness, bot: dict, events: list[dict]) -> dict:
+    response = await harness.client.post(
+        "/api/v1/bot/verifications", json={"events": events}, headers=bot
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    for _ in range(int(WAIT / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out waiting")
+
+
+@asynccontextmanager
+async def served(harness: Harness) -> AsyncGenerator[httpx.AsyncClient]:
+    """The harness app behind a real HTTP server; yields a client for it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        harness.app, lifespan="off", log_level="warning", ws="none", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started)
+        base_url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base_url, timeout=WAIT, trust_env=False) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+class SSE:
+    """Reads one server-sent-events stream message by message."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.lines = response.aiter_lines()
+
+    async def message(self) -> dict[str, Any]:
+        """The next message: its fields (`data` parsed as JSON), comments under `comment`."""
+        fields: dict[str, Any] = {}
+        async with asyncio.timeout(WAIT):
+            async for line in self.lines:
+                if line == "":
+                    if fields:
+                        return fields
+                    continue
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                fields[name or "comment"] = json.loads(value) if name == "data" else value
+        raise AssertionError(f"the stream ended; last fields {fields}")
+
+    async def next(self, kind: str, where: Callable[[dict], bool] = lambda _: True) -> dict:
+        """The data of the next `kind` event that satisfies `where` (others are skipped: the
+        feed carries every audit entry and verification, some from the fixtures' setup)."""
+        while True:
+            message = await self.message()
+            if message.get("event") == kind and where(message["data"]):
+                return message["data"]
+
+
+@asynccontextmanager
+async def subscribe(
+    client: httpx.AsyncClient, auth: dict | None = None, **params: str
+) -> AsyncGenerator[SSE]:
+    async with client.stream("GET", EVENTS, headers=auth or {}, params=params) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        stream = SSE(response)
+        assert await stream.message() == {"retry": "3000"}  # first, and the subscription is live
+        yield stream
+
+
+async def listening(harness: Harness, replicas: int = 1) -> None:
+    """On PostgreSQL, wait until this many processes LISTEN for the feed: even the replica
+    that made a change hears about it only through NOTIFY."""
+    if not harness.app.state.db.is_postgres:
+        return
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query LIKE 'LISTEN%channelgate_feed%'"
+    )
+    async with asyncio.timeout(WAIT):
+        while True:
+            async with harness.sessionmaker() as session:
+                if (await session.scalar(query) or 0) >= replicas:
+                    return
+            await asyncio.sleep(0.05)
+
+
+def token_of(auth: dict[str, str]) -> str:
+    return auth["Authorization"].removeprefix("Bearer ")
+
+
+# ---------------------------------------------------------------- what subscribers receive
+
+
+async def test_verification_events_after_an_ingest(harness: Harness, bot, viewer):
+    await listening(harness)
+    async with served(harness) as http, subscribe(http, viewer) as stream:
+        first, second = event(user_id=1, result="blocked"), event(user_id=2)
+        assert await post_events(harness, bot, [first, second]) == {"accepted": 2, "duplicates": 0}
+        got = [await stream.next("verification"), await stream.next("verification")]
+        log = (await harness.client.get("/api/v1/verifications", headers=viewer)).json()["items"]
+        # As in the log, oldest first.
+        assert got == sorted(log, key=lambda v: (v["occurred_at"], v["id"]))
+        assert {v["event_id"] for v in got} == {first["event_id"], second["event_id"]}
+
+        # A retried batch stores nothing, so it announces nothing; a refused one neither.
+        assert await post_events(harness, bot, [first, second]) == {"accepted": 0, "duplicates": 2}
+        bad = await harness.client.post(
+            "/api/v1/bot/verifications", json={"events": [event(), {"x": 1}]}, headers=bot
+        )
+        problem(bad, 422)
+        marker = event(user_id=3)
+        await post_events(harness, bot, [marker])
+        assert (await stream.next("verification"))["event_id"] == marker["event_id"]
+
+
+async def test_a_full_batch_arrives_whole(harness: Harness, bot, viewer):
+    """1000 events in one batch: announced in several NOTIFY payloads on PostgreSQL (8000-byte
+    limit); each subscriber queue holds them all."""
+    await listening(harness)
+    feed: Feed = harness.app.state.feed
+    async with served(harness) as http, subscribe(http, viewer) as stream:
+        batch = [event(user_id=i + 1) for i in range(1000)]
+        await post_events(harness, bot, batch)
+        got = [(await stream.next("verification"))["event_id"] for _ in batch]
+        assert sorted(got) == sorted(e["event_id"] for e in batch)
+        assert feed.dropped == 0
+
+
+async def test_audit_event_after_a_dashboard_write(harness: Harness, editor, viewer, owner):
+    await listening(harness)
+    async with served(harness) as http, subscribe(http, viewer) as stream:
+        created = await harness.client.post(
+            "/api/v1/groups", json={"chat_id": GROUP, "title": "Alpha"}, headers=editor
+        )
+        assert created.status_code == 201, created.text
+        got = await stream.next("audit", lambda a: a["action"] == "group.create")
+        entry = (await harness.client.get("/api/v1/audit", headers=owner)).json()["items"][0]
+        assert got == entry
+        assert (got["resource"], got["resource_id"]) == ("group", str(GROUP))
+        assert got["actor"]["kind"] == "staff"
+        assert got["after"]["title"] == "Alpha"
+
+
+async def test_keep_alive_comment(harness: Harness, viewer, monkeypatch):
+    monkeypatch.setattr(routes, "KEEPALIVE_SECONDS", 0.1)
+    async with served(harness) as http, subscribe(http, viewer) as stream:
+        assert await stream.message() == {"comment": "keep-alive"}
+        assert await stream.message() == {"comment": "keep-alive"}
+
+
+async def test_keep_alive_is_15_seconds():
+    assert routes.KEEPALIVE_SECONDS == 15
+
+
+# ---------------------------------------------------------------- who may subscribe
+
+
+async def test_access_token_query_parameter(harness: Harness, bot, viewer):
+    await listening(harness)
+    async with (
+        served(harness) as http,
+        subscribe(http, access_token=token_of(viewer)) as stream,
+    ):
+        marker = event()
+        await post_events(harness, bot, [marker])
+        assert (await stream.next("verification"))["event_id"] == marker["event_id"]
+
+
+async def test_access_token_is_not_logged(harness: Harness, viewer):
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect()
+    access = logging.getLogger("channelgate.access")
+    level = access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        secret = token_of(viewer)[:-4] + "AAAA"  # a bad signature: refused
+        response = await harness.client.get(EVENTS, params={"access_token": secret})
+        problem(response, 401)
+        assert secret not in response.text
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    assert records, "no access log record was written"
+    for record in records:
+        assert secret not in repr(record.__dict__)
+        assert getattr(record, "path", None) == EVENTS
+
+
+@pytest.mark.parametrize(
+    ("token", "status", "detail"),
+    [
+        (None, 401, "missing bearer token"),
+        ("not-a-jwt", 401, None),
+        ("cgk_" + "A" * 43, 401, "bot keys are not accepted on dashboard routes"),
+        ("expired", 401, None),
+        ("outsider", 403, "this account is not channelgate staff"),
+    ],
+)
+async def test_refused_subscribers(
+    harness: Harness, tokens: Tokens, token: str | None, status: int, detail: str | None
+):
+    if token == "expired":
+        token = tokens.mint(str(uuid.uuid4()), exp=int(datetime.now(UTC).timestamp()) - 3600)
+    elif token == "outsider":
+        token = tokens.mint(str(uuid.uuid4()))
+    ways: list[tuple[dict, dict]] = [({}, {})]
+    if token:
+        ways = [({"access_token": token}, {}), ({}, {"Authorization": f"Bearer {token}"})]
+    for params, headers in ways:
+        response = await harness.client.get(EVENTS, params=params, headers=headers)
+        body = problem(response, status)
+        if detail:
+            assert body["detail"] == detail
+        if status == 401:
+            assert response.headers["www-authenticate"].startswith("Bearer")
+    assert harness.app.state.feed.subscribers == set()
+
+
+async def test_subscriber_limit_is_503(harness: Harness, viewer, monkeypatch):
+    monkeypatch.setattr(feed_module, "MAX_SUBSCRIBERS", 1)
+    feed: Feed = harness.app.state.feed
+    taken = feed.subscribe()
+    assert taken is not None
+    response = await harness.client.get(EVENTS, headers=viewer)
+    assert problem(response, 503)["detail"] == "too many live-feed subscribers"
+    assert response.headers["retry-after"] == "30"
+    feed.unsubscribe(taken)
+
+
+# ---------------------------------------------------------------- replicas, slow readers, leaving
+
+
+async def test_events_reach_a_subscriber_on_another_replica(
+    harness: Harness, database_url: str, jwks_server: JWKSServer, tokens: Tokens, bot, editor
+):
+    if not database_url.startswith("postgresql"):
+        pytest.skip("cross-replica delivery rides on PostgreSQL NOTIFY")
+    async for other in start_harness(database_url, jwks_server.url, tokens):
+        await listening(harness, replicas=2)
+        viewer = await other.add_staff("viewer")
+        async with served(other) as http, subscribe(http, viewer) as stream:
+            marker = event()
+            await post_events(harness, bot, [marker])  # written through the first replica
+            got = await stream.next("verification")
+            assert got["event_id"] == marker["event_id"]
+            patch = await harness.client.post(
+                "/api/v1/groups", json={"chat_id": -1001000000002, "title": "B"}, headers=editor
+            )
+            assert patch.status_code == 201, patch.text
+            audit = await stream.next("audit", lambda a: a["action"] == "group.create")
+            assert audit["resource_id"] == "-1001000000002"
+        assert other.app.state.feed.subscribers == set()
+
+
+async def test_a_full_queue_drops_and_counts(harness: Harness, monkeypatch):
+    monkeypatch.setattr(feed_module, "QUEUE_SIZE", 3)
+    feed: Feed = harness.app.state.feed
+    slow, fast = feed.subscribe(), feed.subscribe()
+    assert slow is not None and fast is not None
+    received = []
+    for batch in (range(2), range(2, 5)):
+        for i in batch:
+            feed.publish("verification", json.dumps({"n": i}))
+        while not fast.queue.empty():
+            received.append(json.loads(fast.queue.get_nowait()[1])["n"])
+    # The fast reader lost nothing; the slow one kept the oldest 3 and lost 2, counted.
+    assert received == [0, 1, 2, 3, 4]
+    assert (fast.dropped, slow.dropped, feed.dropped) == (0, 2, 2)
+    assert [json.loads(slow.queue.get_nowait()[1])["n"] for _ in range(3)] == [0, 1, 2]
+    feed.unsubscribe(slow)
+    feed.unsubscribe(fast)
+    assert feed.subscribers == set()
+
+
+async def test_a_slow_subscriber_is_told_what_it_lost(harness: Harness, viewer, monkeypatch):
+    monkeypatch.setattr(feed_module, "QUEUE_SIZE", 2)
+    feed: Feed = harness.app.state.feed
+    async with served(harness) as http, subscribe(http, viewer) as stream:
+        for i in range(5):  # at once: the stream cannot drain between these
+            feed.publish("verification", json.dumps({"n": i}))
+        assert feed.dropped == 3
+        assert await stream.message() == {"event": "dropped", "data": {"count": 3}}
+        assert await stream.message() == {"event": "verification", "data": {"n": 0}}
+        assert await stream.message() == {"event": "verification", "data": {"n": 1}}
+        feed.publish("audit", json.dumps({"n": 5}))
+        assert await stream.message() == {"event": "audit", "data": {"n": 5}}  # no new drops
+
+
+async def test_disconnect_removes_the_subscriber(harness: Harness, viewer):
+    feed: Feed = harness.app.state.feed
+    async with served(harness) as http:
+        async with subscribe(http, viewer), subscribe(http, viewer):
+            assert len(feed.subscribers) == 2
+        await eventually(lambda: not feed.subscribers)
+        feed.publish("verification", "{}")  # nobody left to queue it for
+        assert feed.dropped == 0
