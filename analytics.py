@@ -6,6 +6,8 @@ is read as its leading partial day in hours, its whole days in days, and its tra
 day in hours. Unique users come from HyperLogLog sketches kept at the same two grains.
 """
 
+import bisect
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -14,10 +16,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db import bulk_insert
+from db import bulk_insert, bulk_update
 from models import (
     ALL_GROUPS,
     COUNTERS,
@@ -38,7 +40,6 @@ P = 14  # 16384 registers: standard error 1.04 / sqrt(2^14) = 0.8 %
 M = 1 << P
 DENSE, SPARSE = b"\x00", b"\x01"
 EMPTY = np.zeros(0, dtype=np.uint8)
-KEYS_PER_QUERY = 500  # buckets per sketch lookup, well under SQLite's parameter limit
 
 
 def hll_updates(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,10 +138,7 @@ def _tau(x: float) -> float:
 
 
 def latency_bucket(latency_ms: int) -> int:
-    for i, edge in enumerate(LATENCY_EDGES_MS):
-        if latency_ms < edge:
-            return i
-    return len(LATENCY_EDGES_MS)
+    return bisect.bisect_right(LATENCY_EDGES_MS, latency_ms)
 
 
 def floor_hour(at: datetime) -> datetime:
@@ -151,8 +149,12 @@ def floor_day(at: datetime) -> datetime:
     return floor_hour(at).replace(hour=0)
 
 
-def buckets_of(at: datetime) -> tuple[tuple[str, datetime], tuple[str, datetime]]:
-    return ("h", floor_hour(at)), ("d", floor_day(at))
+@functools.lru_cache(maxsize=4096)
+def bucket_time(timestamp: int) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+Key = tuple[str, int, int]  # (grain, chat id, bucket start as a Unix timestamp)
 
 
 async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]) -> None:
@@ -160,32 +162,32 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
     batch, whose events are not new, never counts twice)."""
     if not events:
         return
-    counts: dict[tuple[str, int, datetime], list[int]] = defaultdict(
-        lambda: [0] * (len(COUNTERS) + len(LATENCY_COLUMNS))
-    )
-    blocks: dict[tuple[str, int, datetime, int], int] = defaultdict(int)
-    users: dict[tuple[str, int, datetime], list[int]] = defaultdict(list)
-    offset = len(COUNTERS)
+    width = len(COUNTERS) + len(LATENCY_COLUMNS)
+    column = {"passed": 1, "blocked": 2, "error": 3}
+    counts: dict[Key, list[int]] = {}
+    blocks: dict[tuple[str, int, int, int], int] = defaultdict(int)
+    users: dict[Key, list[int]] = defaultdict(list)
     for e in events:
-        result = (e.result == "passed", e.result == "blocked", e.result == "error")
-        for grain, bucket in buckets_of(e.occurred_at):
-            row = counts[grain, e.chat_id, bucket]
+        ts = int(e.occurred_at.timestamp())
+        latency = len(COUNTERS) + latency_bucket(e.latency_ms)
+        for key in (("h", e.chat_id, ts - ts % 3600), ("d", e.chat_id, ts - ts % 86400)):
+            row = counts.get(key)
+            if row is None:
+                row = counts[key] = [0] * width
             row[0] += 1
-            row[1] += result[0]
-            row[2] += result[1]
-            row[3] += result[2]
+            row[column[e.result]] += 1
             row[4] += e.cached
-            row[offset + latency_bucket(e.latency_ms)] += 1
-            if result[1]:
+            row[latency] += 1
+            if e.result == "blocked":
                 for channel_id in set(e.missing_channel_ids):
-                    blocks[grain, e.chat_id, bucket, channel_id] += 1
-            users[grain, e.chat_id, bucket].append(e.user_id)
-            users[grain, ALL_GROUPS, bucket].append(e.user_id)
+                    blocks[key[0], key[1], key[2], channel_id] += 1
+            users[key].append(e.user_id)
+            users[key[0], ALL_GROUPS, key[2]].append(e.user_id)
 
     names = (*COUNTERS, *LATENCY_COLUMNS)
     rows = [
-        {"grain": g, "chat_id": c, "bucket": b, **dict(zip(names, values, strict=True))}
-        for (g, c, b), values in sorted(counts.items())
+        {"grain": g, "chat_id": c, "bucket": bucket_time(b), **dict(zip(names, v, strict=True))}
+        for (g, c, b), v in sorted(counts.items())
     ]
     statement, params = bulk_insert(session, rollups, rows)
     statement = statement.on_conflict_do_update(
@@ -196,7 +198,7 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
 
     if blocks:
         rows = [
-            {"grain": g, "chat_id": c, "bucket": b, "channel_id": ch, "blocks": n}
+            {"grain": g, "chat_id": c, "bucket": bucket_time(b), "channel_id": ch, "blocks": n}
             for (g, c, b, ch), n in sorted(blocks.items())
         ]
         statement, params = bulk_insert(session, channel_rollups, rows)
@@ -209,57 +211,36 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
     await merge_sketches(session, users)
 
 
-async def merge_sketches(
-    session: AsyncSession, users: dict[tuple[str, int, datetime], list[int]]
-) -> None:
-    """Read-modify-write of the touched sketches under row locks. Last in the transaction,
-    so the all-groups rows are locked only briefly."""
+async def merge_sketches(session: AsyncSession, users: dict[Key, list[int]]) -> None:
+    """Read-modify-write of the touched sketches: one upsert that creates missing rows and
+    locks and returns existing ones (in key order, the same for every batch: no deadlocks),
+    then one update. Last in the transaction, so the all-groups rows are locked briefly."""
     keys = sorted(users)
-    empty = [{"grain": g, "chat_id": c, "bucket": b, "registers": b""} for g, c, b in keys]
-    statement, params = bulk_insert(session, user_sketches, empty)
-    await session.execute(
-        statement.on_conflict_do_nothing(index_elements=["grain", "chat_id", "bucket"]), params
+    rows = [
+        {"grain": g, "chat_id": c, "bucket": bucket_time(b), "registers": b""} for g, c, b in keys
+    ]
+    statement, params = bulk_insert(session, user_sketches, rows)
+    statement = statement.on_conflict_do_update(
+        index_elements=["grain", "chat_id", "bucket"],
+        set_={"registers": user_sketches.c.registers},  # a no-op that locks the row
+    ).returning(
+        user_sketches.c.id,
+        user_sketches.c.grain,
+        user_sketches.c.chat_id,
+        user_sketches.c.bucket,
+        user_sketches.c.registers,
     )
+    current = (await session.execute(statement, params)).all()
     # Hash every user of the batch once; each sketch then takes its users' (index, rank).
     all_users = np.fromiter({u for ids in users.values() for u in ids}, dtype=np.int64)
     index, rank = hll_updates(all_users)
     position = {int(u): i for i, u in enumerate(all_users)}
-    chat_ids = sorted({c for _, c, _ in keys})
-    buckets = sorted({b for _, _, b in keys})
     updates = []
-    for start in range(0, len(buckets), KEYS_PER_QUERY):
-        # chat ids x buckets is a superset of the keys, and a statement SQLAlchemy can cache
-        query = (
-            select(
-                user_sketches.c.id,
-                user_sketches.c.grain,
-                user_sketches.c.chat_id,
-                user_sketches.c.bucket,
-                user_sketches.c.registers,
-            )
-            .where(
-                user_sketches.c.chat_id.in_(chat_ids),
-                user_sketches.c.bucket.in_(buckets[start : start + KEYS_PER_QUERY]),
-            )
-            # every batch locks in (bucket, id) order, across chunks too: no deadlocks
-            .order_by(user_sketches.c.bucket, user_sketches.c.id)
-            .with_for_update()
-        )
-        for row in await session.execute(query):
-            members = users.get((row.grain, row.chat_id, row.bucket))
-            if members is None:
-                continue
-            at = [position[u] for u in members]
-            updates.append(
-                {"row_id": row.id, "new_registers": merge(row.registers, index[at], rank[at])}
-            )
-    if updates:
-        await session.execute(
-            update(user_sketches)
-            .where(user_sketches.c.id == bindparam("row_id"))
-            .values(registers=bindparam("new_registers")),
-            updates,
-        )
+    for row in current:
+        members = users[row.grain, row.chat_id, int(row.bucket.timestamp())]
+        at = [position[u] for u in members]
+        updates.append({"id": row.id, "registers": merge(row.registers, index[at], rank[at])})
+    await bulk_update(session, user_sketches, updates)
 
 
 # ---------------------------------------------------------------- windows

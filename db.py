@@ -8,7 +8,18 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import JSON, Table, event, func, literal_column, make_url, select, text
+from sqlalchemy import (
+    JSON,
+    Table,
+    bindparam,
+    event,
+    func,
+    literal_column,
+    make_url,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -100,6 +111,32 @@ def bulk_insert(session: AsyncSession, table: Table, rows: list[dict[str, Any]])
     for name in json_columns:
         params[name] = [json.dumps(value) for value in params[name]]
     return postgresql.insert(table).from_select(names, source), params
+
+
+async def bulk_update(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:
+    """`UPDATE table SET … WHERE id = …` for many rows: one statement on PostgreSQL (the rows
+    as unnested arrays, like `bulk_insert`), an executemany elsewhere."""
+    if not rows:
+        return
+    names = [name for name in rows[0] if name != "id"]
+    if not is_postgres(session):
+        statement = (
+            update(table)
+            .where(table.c.id == bindparam("row_id"))
+            .values({name: bindparam(f"new_{name}") for name in names})
+        )
+        params = [{"row_id": r["id"], **{f"new_{n}": r[n] for n in names}} for r in rows]
+        await session.execute(statement, params)
+        return
+    source, _ = _unnest_source(table, ("id", *names))
+    assignments = ", ".join(f"{name} = bulk.{name}" for name in names)
+    await session.execute(
+        text(
+            f"UPDATE {table.name} SET {assignments} FROM ({source}) AS bulk "  # noqa: S608
+            f"WHERE {table.name}.id = bulk.id"
+        ),
+        {name: [row[name] for row in rows] for name in ("id", *names)},
+    )
 
 
 @functools.cache

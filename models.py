@@ -4,6 +4,7 @@ Constraints are declared once, as annotated types, and drive both the DDL and th
 """
 
 import re
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Self
@@ -604,7 +605,7 @@ class VerificationIn(FastRequest):
 
     @model_validator(mode="after")
     def _not_in_future(self) -> Self:
-        if self.occurred_at > utcnow() + MAX_CLOCK_SKEW:
+        if self.occurred_at.timestamp() > time.time() + MAX_CLOCK_SKEW.total_seconds():
             raise ValueError("occurred_at is more than 5 minutes in the future")
         return self
 
