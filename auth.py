@@ -99,6 +99,23 @@ class BotKeyCache:
 
     def __init__(self) -> None:
         self.entries: dict[str, tuple[float, BotIdentity | None]] = {}
+        self.loading: dict[str, asyncio.Task[BotIdentity | None]] = {}
+
+    async def load(self, app: Any, key_hash: str) -> BotIdentity | None:
+        """One database lookup per key however many requests miss at once (when an entry
+        expires under load, every in-flight request of that bot misses together)."""
+        task = self.loading.get(key_hash)
+        if task is None:
+            task = asyncio.ensure_future(_load_bot_key(app, key_hash))
+            self.loading[key_hash] = task
+
+            def done(finished: asyncio.Task[BotIdentity | None]) -> None:
+                self.loading.pop(key_hash, None)
+                if not finished.cancelled() and finished.exception() is None:
+                    self.put(key_hash, finished.result())
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
 
     def get(self, key_hash: str) -> tuple[float, BotIdentity | None] | None:
         entry = self.entries.get(key_hash)
@@ -270,30 +287,35 @@ Owner = Annotated[Principal, Depends(_require("owner"))]
 async def bot_caller(request: Request) -> Principal:
     # Reads the header itself (no HTTPBearer sub-dependency): this runs on the hot path.
     # app.py documents the BotKey scheme on every bot route in the OpenAPI document.
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return await authenticate_bot(
+        request.app,
+        request.headers.get("authorization", ""),
+        getattr(request.state, "request_id", None),
+    )
+
+
+async def authenticate_bot(app: Any, authorization: str, request_id: str | None) -> Principal:
+    """The bot key in an Authorization header value, checked against BOT_API_KEYS and the
+    (cached) database keys; 401 unless it is a live key."""
+    scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise unauthorized("missing bot key")
     if not BOT_KEY_RE.fullmatch(key):
         raise unauthorized("bot routes need a bot key (cgk_…)")
-    state = _state(request)
+    state: AuthState = app.state.auth
     key_hash = hash_key(key)
     identity = state.env_bot_keys.get(key_hash)
     if identity is None:
         cached = state.bot_keys.get(key_hash)
-        identity = cached[1] if cached else await _load_bot_key(request, key_hash)
+        identity = cached[1] if cached else await state.bot_keys.load(app, key_hash)
     if identity is None:
         raise unauthorized("unknown or revoked bot key")
-    return Principal(
-        kind="bot",
-        id=identity.id,
-        name=identity.name,
-        request_id=getattr(request.state, "request_id", None),
-    )
+    return Principal(kind="bot", id=identity.id, name=identity.name, request_id=request_id)
 
 
-async def _load_bot_key(request: Request, key_hash: str) -> BotIdentity | None:
+async def _load_bot_key(app: Any, key_hash: str) -> BotIdentity | None:
     # Its own short session: the hot path has no request session to borrow.
-    async with request.app.state.db.sessionmaker() as session:
+    async with app.state.db.sessionmaker() as session:
         row = (
             await session.execute(
                 select(col(BotKey.id), col(BotKey.name), col(BotKey.last_used_at)).where(
@@ -310,7 +332,6 @@ async def _load_bot_key(request: Request, key_hash: str) -> BotIdentity | None:
                     update(BotKey).where(col(BotKey.id) == row.id).values(last_used_at=now)
                 )
                 await session.commit()
-    _state(request).bot_keys.put(key_hash, identity)
     return identity
 
 
