@@ -31,6 +31,7 @@ from starlette.routing import Route
 from auth import BOT_KEY_SCHEME, AuthState
 from db import POLICY_CHANNEL, Database, Listener
 from feed import FEED_CHANNEL, Feed
+from models import VerificationBatch
 from routes import Counter, PolicyCache, PolicyEndpoint, bot, dashboard, service
 from settings import Settings, get_settings
 
@@ -58,20 +59,24 @@ API_HEADERS = (
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
 )
 DOCS_HEADERS = tuple(SECURITY_HEADERS)  # the docs page loads its scripts from a CDN
+# Bots are not browsers: framing, referrer and CSP headers protect nothing there, and every
+# header costs uvicorn time on the hot path.
+BOT_HEADERS = ((b"x-content-type-options", b"nosniff"),)
 
 
 class RequestIds:
     """Unique request ids without a urandom call per request: a random per-process prefix
-    and a counter (re-seeded in a forked worker)."""
+    and a counter (a forked worker draws its own prefix)."""
 
     def __init__(self) -> None:
-        self.pid = 0
-        self.prefix = ""
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(8)
         self.counter = itertools.count()
 
     def __call__(self) -> str:
-        if self.pid != os.getpid():
-            self.pid, self.prefix = os.getpid(), secrets.token_hex(8)
         return f"{self.prefix}{next(self.counter):016x}"
 
 
@@ -243,10 +248,13 @@ class Gate:
         scope.setdefault("state", {})["request_id"] = request_id
         path: str = scope["path"]
         status_holder = [0]
-        extra_headers = [
-            (b"x-request-id", request_id.encode()),
-            *(DOCS_HEADERS if path.startswith(("/docs", "/redoc")) else API_HEADERS),
-        ]
+        if path.startswith("/api/v1/bot/"):
+            security_headers = BOT_HEADERS
+        elif path.startswith(("/docs", "/redoc")):
+            security_headers = DOCS_HEADERS
+        else:
+            security_headers = API_HEADERS
+        extra_headers = [(b"x-request-id", request_id.encode()), *security_headers]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -473,8 +481,13 @@ def openapi_with_bot_security(app: FastAPI) -> dict[str, Any]:
             summary=app.summary,
             routes=app.routes,
         )
-        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-        schemes["BotKey"] = BOT_KEY_SCHEME
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["BotKey"] = BOT_KEY_SCHEME
+        # POST /bot/verifications parses its body itself (routes.ingest_verifications).
+        batch = VerificationBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = components.setdefault("schemas", {})
+        schemas.update(batch.pop("$defs", {}))
+        schemas["VerificationBatch"] = batch
         for path, operations in schema["paths"].items():
             if path.startswith("/api/v1/bot/"):
                 for operation in operations.values():

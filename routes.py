@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 from sqlalchemy import ColumnElement, delete, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -1626,11 +1627,30 @@ class Counter:
     total: int = 0
 
 
-@bot.post("/verifications", response_model=IngestResult)
-async def ingest_verifications(
-    body: VerificationBatch, request: Request, session: SessionDep, _: BotCaller
-) -> IngestResult:
+@bot.post(
+    "/verifications",
+    response_model=IngestResult,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/VerificationBatch"}}
+            },
+        }
+    },
+)
+async def ingest_verifications(request: Request, session: SessionDep, _: BotCaller) -> IngestResult:
     """Store a batch of verification results (idempotent by event_id)."""
+    # Parsed and validated straight from bytes in Rust: FastAPI's json.loads followed by
+    # validation of the Python objects was a sixth of a 500-event batch (py-spy).
+    try:
+        body = VerificationBatch.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
+    if errors := body.future_errors():
+        raise RequestValidationError(errors)
     inserted = await ingest(session, body.events)
     await session.commit()
     request.app.state.ingested.total += len(inserted)
