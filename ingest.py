@@ -9,13 +9,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, literal_column
+from sqlalchemy import ColumnElement, case, delete, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from analytics import update_rollups
 from db import bulk_insert
 from feed import announce
-from models import Member, MemberStatus, Verification, VerificationIn, utcnow
+from models import (
+    Member,
+    MemberStatus,
+    Verification,
+    VerificationIn,
+    member_counts,
+    utcnow,
+)
 
 MEMBERS = Member.__table__  # pyrefly: ignore[missing-attribute]
 VERIFICATIONS = Verification.__table__  # pyrefly: ignore[missing-attribute]
@@ -120,6 +127,7 @@ async def upsert_members(
             "restricted_at": d.restricted_at,
             "checks": d.checks,
             "updated_at": now,
+            "previous_status": None,
         }
         for (chat_id, user_id), d in sorted(deltas.items())
     ]
@@ -135,6 +143,52 @@ async def upsert_members(
             "status": status_of(verified_at, restricted_at),
             "checks": old.checks + new.checks,
             "updated_at": new.updated_at,
+            "previous_status": old.status,  # SET sees the row as it was
+        },
+    ).returning(MEMBERS.c.chat_id, MEMBERS.c.status, MEMBERS.c.previous_status)
+    changes: dict[int, list[int]] = {}
+    for row in await session.execute(statement, params):
+        status, previous = row.status, row.previous_status
+        if status != previous:
+            counts = changes.setdefault(int(row.chat_id), [0, 0])
+            for state, sign in ((status, 1), (previous, -1)):
+                if state in COUNTED:
+                    counts[COUNTED[state]] += sign
+    await add_member_counts(session, changes)
+
+
+COUNTED = {"verified": 0, "restricted": 1}
+
+
+async def add_member_counts(session: AsyncSession, changes: dict[int, list[int]]) -> None:
+    rows = [
+        {"chat_id": chat_id, "verified": v, "restricted": r}
+        for chat_id, (v, r) in sorted(changes.items())
+        if v or r
+    ]
+    if not rows:
+        return
+    statement, params = bulk_insert(session, member_counts, rows)
+    statement = statement.on_conflict_do_update(
+        index_elements=["chat_id"],
+        set_={
+            "verified": member_counts.c.verified + statement.excluded.verified,
+            "restricted": member_counts.c.restricted + statement.excluded.restricted,
         },
     )
     await session.execute(statement, params)
+
+
+async def recount_members(session: AsyncSession, chat_id: int) -> None:
+    """Rebuild one group's counts from its member states (after a migration or deletion)."""
+    await session.execute(delete(member_counts).where(member_counts.c.chat_id == chat_id))
+    verified, restricted = (
+        await session.execute(
+            select(
+                func.count().filter(MEMBERS.c.status == "verified"),
+                func.count().filter(MEMBERS.c.status == "restricted"),
+            ).where(MEMBERS.c.chat_id == chat_id)
+        )
+    ).one()
+    if verified or restricted:
+        await add_member_counts(session, {chat_id: [verified, restricted]})

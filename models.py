@@ -539,6 +539,9 @@ class Member(SQLModel, table=True):
     restricted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     checks: int = 0
+    # The status before the latest upsert: an upsert's RETURNING then tells ingestion which
+    # members changed state, to keep member_counts exact without counting the table.
+    previous_status: MemberStatus | None = Field(default=None, sa_type=String(12))
 
 
 class MemberPublic(SQLModel):
@@ -732,6 +735,16 @@ channel_rollups = Table(
     Column("blocks", BigInteger, nullable=False),
     UniqueConstraint("grain", "chat_id", "bucket", "channel_id"),
     Index(None, "grain", "bucket", "chat_id"),
+)
+
+# Verified / restricted members per group, kept by ingestion from status transitions, so a
+# summary over every group reads one row per group instead of counting the members table.
+member_counts = Table(
+    "member_counts",
+    metadata,
+    Column("chat_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("verified", BigInteger, nullable=False),
+    Column("restricted", BigInteger, nullable=False),
 )
 
 # HyperLogLog sketches of the users seen, per group and for all groups (chat_id 0).

@@ -36,7 +36,7 @@ from auth import (
 )
 from db import POLICY_CHANNEL, Database, SessionDep, notify, upsert
 from feed import Feed, audit_rows
-from ingest import MemberDelta, ingest, local_status
+from ingest import MemberDelta, ingest, local_status, recount_members
 from models import (
     LATENCY_COLUMNS,
     MAX_CHANNELS_PER_GROUP,
@@ -93,6 +93,7 @@ from models import (
     Verification,
     VerificationBatch,
     VerificationPublic,
+    member_counts,
     utcnow,
 )
 
@@ -462,6 +463,7 @@ async def delete_group(
     before = snapshot(group)
     await session.execute(delete(GroupChannel).where(col(GroupChannel.group_id) == group.id))
     await session.execute(delete(Member).where(col(Member.chat_id) == chat_id))
+    await recount_members(session, chat_id)
     await session.delete(group)
     audit(session, actor, "group.delete", "group", chat_id, before=before)
     await commit_policy_change(session, policies, chat_id)
@@ -1153,10 +1155,13 @@ async def analytics_summary(
     """Totals over a window (default: the last 7 days)."""
     window = analytics_window(since, until)
     sums = await analytics.counters(session, window, group)
-    members = select(col(Member.status), func.count()).group_by(col(Member.status))
+    counted = select(
+        func.coalesce(func.sum(member_counts.c.verified), 0),
+        func.coalesce(func.sum(member_counts.c.restricted), 0),
+    )
     if group is not None:
-        members = members.where(col(Member.chat_id) == group)
-    states: dict[str, int] = dict((await session.execute(members)).all())  # pyrefly: ignore[no-matching-overload]
+        counted = counted.where(member_counts.c.chat_id == group)
+    verified, restricted = (await session.execute(counted)).one()
     histogram = [sums[name] for name in LATENCY_COLUMNS]
     return AnalyticsSummary(
         since=window.since,
@@ -1173,8 +1178,8 @@ async def analytics_summary(
             p50=analytics.percentile(histogram, 0.5), p95=analytics.percentile(histogram, 0.95)
         ),
         active_groups=sums["active_groups"],
-        verified_members=states.get("verified", 0),
-        restricted_members=states.get("restricted", 0),
+        verified_members=int(verified),
+        restricted_members=int(restricted),
     )
 
 
@@ -1564,6 +1569,8 @@ async def migrate_group(
     if await session.scalar(select(col(Group.id)).where(col(Group.chat_id) == new_id)):
         raise conflict(f"group {new_id} already exists")
     await move_members(session, chat_id, new_id)
+    for recounted in (chat_id, new_id):
+        await recount_members(session, recounted)
     await session.execute(
         update(Verification).where(col(Verification.chat_id) == chat_id).values(chat_id=new_id)
     )

@@ -487,3 +487,44 @@ async def test_heartbeats_show_up_in_bots(harness, client, bot, viewer):
         ),
         422,
     )
+
+
+async def member_counts_match_members(harness: Harness, viewer: dict, group: int | None = None):
+    url = "/api/v1/analytics/summary" + (f"?group={group}" if group else "")
+    summary = (await harness.client.get(url, headers=viewer)).json()
+    async with harness.sessionmaker() as session:
+        where = [] if group is None else [col(Member.chat_id) == group]
+        rows = await session.execute(
+            select(col(Member.status), func.count()).where(*where).group_by(col(Member.status))
+        )
+        states = {status: n for status, n in rows}
+    assert summary["verified_members"] == states.get("verified", 0)
+    assert summary["restricted_members"] == states.get("restricted", 0)
+
+
+async def test_member_counts_follow_transitions_races_migrations_and_deletes(
+    harness, client, bot, editor, viewer
+):
+    await register(client, bot)
+    t = now() - timedelta(hours=2)
+    batches = [
+        [
+            event(user_id=u, result=("passed" if (u + b) % 3 else "blocked"),
+                  at=t + timedelta(seconds=b * 7 + u))
+            for u in range(1, 40)
+        ]
+        for b in range(8)
+    ]  # fmt: skip
+    await asyncio.gather(*(ingest(client, bot, b) for b in batches))
+    await ingest(client, bot, batches[0])  # a retry changes nothing
+    await ingest(client, bot, [event(user_id=99, result="error")])  # unknown: not counted
+    await member_counts_match_members(harness, viewer)
+    await member_counts_match_members(harness, viewer, GROUP)
+    await ingest(client, bot, [event(chat_id=GROUP2, user_id=1, result="blocked")])
+    await client.post(
+        f"/api/v1/bot/groups/{GROUP}/migrate", json={"new_chat_id": GROUP2}, headers=bot
+    )
+    await member_counts_match_members(harness, viewer, GROUP2)
+    await member_counts_match_members(harness, viewer, GROUP)
+    await client.delete(f"/api/v1/groups/{GROUP2}", headers=editor)
+    await member_counts_match_members(harness, viewer)
