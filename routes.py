@@ -1656,7 +1656,7 @@ async def ingest_verifications(request: Request, session: SessionDep, _: BotCall
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         ) from None
-    if errors := body.future_errors():
+    if errors := body.rule_errors():
         raise RequestValidationError(errors)
     inserted = await ingest(session, body.events)
     await session.commit()

@@ -241,6 +241,9 @@ def main() -> None:
                     raise SystemExit(f"{label}: {response.status_code} {response.text[:300]}")
             api = {label: timed(lambda p=path: client.get(p), args.repeat)
                    for label, (path, _, _) in endpoints.items()}  # fmt: skip
+            estimated = {
+                w: client.get(endpoints[f"summary {w} days"][0]).json() for w in ("7", "90")
+            }
 
         async def raw() -> dict[str, dict[str, float]]:
             connection = await asyncpg.connect(dsn)
@@ -259,8 +262,26 @@ def main() -> None:
             return out
 
         raw_times = asyncio.run(raw())
+
+        async def exact_counts() -> dict[str, tuple[int, int]]:
+            connection = await asyncpg.connect(dsn)
+            out = {}
+            for w, window in (("7", "7d"), ("90", "90d")):
+                row = await connection.fetchrow(RAW_SQL["summary"], *windows[window])
+                assert row is not None
+                out[w] = (row[0], row[5])  # checks, unique users
+            await connection.close()
+            return out
+
+        exact = asyncio.run(exact_counts())
         results = [(label, api[label], raw_times[label]) for label in endpoints]
-        report(results, args)
+        accuracy = [
+            f"- {w} days: checks {estimated[w]['checks']:,} (raw {exact[w][0]:,}); unique users "
+            f"{estimated[w]['unique_users']:,} estimated vs {exact[w][1]:,} exact "
+            f"({(estimated[w]['unique_users'] - exact[w][1]) / exact[w][1]:+.2%})"
+            for w in ("7", "90")
+        ]
+        report(results, args, accuracy)
     finally:
         if not args.keep and not args.database:
             subprocess.run(
@@ -270,7 +291,9 @@ def main() -> None:
             log(f"kept database {name}: rerun with --database {name}")
 
 
-def report(results: list[tuple[str, dict[str, float], dict[str, float]]], args: Any) -> None:
+def report(
+    results: list[tuple[str, dict[str, float], dict[str, float]]], args: Any, accuracy: list[str]
+) -> None:
     import platform
 
     lines = [
@@ -288,8 +311,9 @@ def report(results: list[tuple[str, dict[str, float], dict[str, float]]], args: 
             f"| {label} | {api['p50']:.1f} | {api['p95']:.1f} | {raw['p50']:.1f} | "
             f"{raw['p95']:.1f} | {raw['p50'] / api['p50']:.1f}x |"
         )
+    lines += ["", "Same answers? (API vs the raw-table query, same run)", *accuracy]
     text = "\n".join(lines) + "\n"
-    (RESULTS / "analytics-latest.md").write_text(text)
+    (RESULTS / "insight-latest.md").write_text(text)
     print(text)
 
 
