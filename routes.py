@@ -439,16 +439,7 @@ async def update_group(
     """Change a group's title, state or settings."""
     group = await load_group(session, chat_id, lock=True)
     if_match(if_match_header, group.version)
-    before = snapshot(group)
-    changes = {
-        k: v for k, v in body.model_dump(exclude_unset=True).items() if getattr(group, k) != v
-    }
-    if changes:
-        for field, value in changes.items():
-            setattr(group, field, value)
-        group.version += 1
-        group.updated_at = utcnow()
-        audit(session, actor, "group.update", "group", chat_id, before, snapshot(group))
+    if apply_changes(session, actor, group, body.model_dump(exclude_unset=True), "group"):
         await commit_policy_change(session, policies, chat_id)
     etag(response, group.version)
     return await group_public(session, group)
@@ -702,26 +693,35 @@ async def read_channel(
     return await channel_public(session, channel)
 
 
-async def apply_channel_changes(
+def apply_changes(
     session: AsyncSession,
     actor: Principal,
-    channel: Channel,
+    row: Group | Channel,
     changes: dict[str, Any],
-    action: str = "channel.update",
-) -> list[int]:
-    """Set fields on a channel, bump versions, audit; returns chat ids of affected groups."""
-    changes = {k: v for k, v in changes.items() if getattr(channel, k) != v}
+    resource: str,
+) -> bool:
+    """Set the fields that differ, bump the version, audit; False when nothing differs (then
+    no new version and no audit row)."""
+    changes = {k: v for k, v in changes.items() if getattr(row, k) != v}
     if not changes:
-        return []
-    before = snapshot(channel)
+        return False
+    before = snapshot(row)
     for field, value in changes.items():
-        setattr(channel, field, value)
-    channel.version += 1
-    channel.updated_at = utcnow()
+        setattr(row, field, value)
+    row.version += 1
+    row.updated_at = utcnow()
+    audit(session, actor, f"{resource}.update", resource, row.chat_id, before, snapshot(row))
+    return True
+
+
+async def apply_channel_changes(
+    session: AsyncSession, actor: Principal, channel: Channel, changes: dict[str, Any]
+) -> list[int]:
+    """Change a channel; returns the chat ids of the groups whose policy changed with it."""
+    if not apply_changes(session, actor, channel, changes, "channel"):
+        return []
     assert channel.id is not None
-    affected = await bump_groups_linked_to(session, channel.id)
-    audit(session, actor, action, "channel", channel.chat_id, before, snapshot(channel))
-    return affected
+    return await bump_groups_linked_to(session, channel.id)
 
 
 @dashboard.patch("/channels/{chat_id}", response_model=ChannelPublic, tags=["channels"])
@@ -1457,20 +1457,12 @@ async def register_group(
             return policy_response(await cached_policy(request, chat_id), chat_id)
         audit(session, actor, "group.register", "group", chat_id, after=snapshot(group))
     else:
-        before = snapshot(group)
         changes = body.model_dump(exclude_unset=True)
-        telemetry = {
-            k: changes.pop(k) for k in ("member_count", "added_by_user_id") if k in changes
-        }
-        for field, value in telemetry.items():
-            setattr(group, field, value)
-        changes = {k: v for k, v in changes.items() if getattr(group, k) != v}
-        if changes:
-            for field, value in changes.items():
-                setattr(group, field, value)
-            group.version += 1
-            group.updated_at = utcnow()
-            audit(session, actor, "group.update", "group", chat_id, before, snapshot(group))
+        # Counters change all the time: stored, but not a new version of the group.
+        for field in ("member_count", "added_by_user_id"):
+            if field in changes:
+                setattr(group, field, changes.pop(field))
+        apply_changes(session, actor, group, changes, "group")
     await commit_policy_change(session, policies, chat_id)
     return policy_response(await cached_policy(request, chat_id), chat_id, 201 if created else 200)
 
