@@ -131,12 +131,21 @@ def keys() -> Keys:
     return Keys()
 
 
-@pytest.fixture
-def jwks_server(keys: Keys) -> Iterator[JWKSServer]:
+@pytest.fixture(scope="session")
+def shared_jwks_server() -> Iterator[JWKSServer]:
     server = JWKSServer()
-    server.jwks = keys.jwks()
     yield server
     server.httpd.shutdown()
+
+
+@pytest.fixture
+def jwks_server(shared_jwks_server: JWKSServer, keys: Keys) -> JWKSServer:
+    """One endpoint for the whole run, reset for each test (each test's app has its own
+    JWKS cache, so nothing carries over)."""
+    shared_jwks_server.jwks = keys.jwks()
+    shared_jwks_server.down = False
+    shared_jwks_server.hits = 0
+    return shared_jwks_server
 
 
 def claims_for(user_id: str, **overrides: Any) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import math
 import random
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
@@ -21,7 +20,7 @@ import pytest
 import cli
 from models import LATENCY_EDGES_MS
 from settings import get_settings
-from tests.conftest import Harness, JWKSServer, Keys, problem
+from tests.conftest import Harness, problem
 
 pytestmark = pytest.mark.anyio
 
@@ -37,15 +36,6 @@ TRIGGERS = ["message", "join", "button", "channel_leave", "recheck"]
 SPECIAL_LATENCIES = [0, 1, 30000, 45000, 600000] + [
     e + d for e in LATENCY_EDGES_MS for d in (-1, 0, 1)
 ]
-
-
-@pytest.fixture(scope="module")
-def jwks_server(keys: Keys) -> Iterator[JWKSServer]:
-    """One JWKS endpoint per module: shutting one down costs 0.5 s per test."""
-    server = JWKSServer()
-    server.jwks = keys.jwks()
-    yield server
-    server.httpd.shutdown()
 
 
 def z(at: datetime) -> str:

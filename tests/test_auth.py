@@ -94,22 +94,6 @@ class Clock:
         self.offset += seconds
 
 
-@pytest.fixture(scope="module")
-def shared_jwks_server(keys: Keys) -> Iterator[JWKSServer]:
-    server = JWKSServer()
-    yield server
-    server.httpd.shutdown()
-
-
-@pytest.fixture
-def jwks_server(shared_jwks_server: JWKSServer, keys: Keys) -> JWKSServer:
-    """conftest's server, but one per module: its shutdown costs 0.5 s (the poll interval)."""
-    shared_jwks_server.jwks = keys.jwks()
-    shared_jwks_server.down = False
-    shared_jwks_server.hits = 0
-    return shared_jwks_server
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
     fake = Clock()

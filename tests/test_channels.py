@@ -2,14 +2,14 @@
 
 import base64
 import json
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Harness, JWKSServer, Keys, problem
+from tests.conftest import Harness, problem
 
 pytestmark = pytest.mark.anyio
 
@@ -30,15 +30,6 @@ SUMMARY = (
     "updated_at",
     "version",
 )
-
-
-@pytest.fixture(scope="module")
-def jwks_server(keys: Keys) -> Iterator[JWKSServer]:
-    """One JWKS endpoint per module: shutting one down costs 0.5 s, too much per test."""
-    server = JWKSServer()
-    server.jwks = keys.jwks()
-    yield server
-    server.httpd.shutdown()
 
 
 @pytest.fixture

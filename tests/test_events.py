@@ -12,7 +12,7 @@ import json
 import logging
 import socket
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -25,22 +25,13 @@ from sqlalchemy import text
 import feed as feed_module
 import routes
 from feed import Feed
-from tests.conftest import Harness, JWKSServer, Keys, Tokens, problem, start_harness
+from tests.conftest import Harness, JWKSServer, Tokens, problem, start_harness
 
 pytestmark = pytest.mark.anyio
 
 EVENTS = "/api/v1/events"
 GROUP = -1001000000001
 WAIT = 5.0
-
-
-@pytest.fixture(scope="module")
-def jwks_server(keys: Keys) -> Iterator[JWKSServer]:
-    """One JWKS endpoint per module: shutting one down costs 0.5 s per test."""
-    server = JWKSServer()
-    server.jwks = keys.jwks()
-    yield server
-    server.httpd.shutdown()
 
 
 def event(user_id: int = 42, result: str = "passed", **fields: Any) -> dict[str, Any]:

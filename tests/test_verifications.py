@@ -9,14 +9,14 @@ import json
 import random
 import re
 import uuid
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Harness, JWKSServer, Keys, problem
+from tests.conftest import Harness, problem
 
 pytestmark = pytest.mark.anyio
 
@@ -36,15 +36,6 @@ CSV_HEADER = [
     "cached", "latency_ms", "error", "occurred_at", "received_at",
 ]  # fmt: skip
 MALFORMED = "query.cursor: malformed cursor; use next_cursor as returned"
-
-
-@pytest.fixture(scope="module")
-def jwks_server(keys: Keys) -> Iterator[JWKSServer]:
-    """One JWKS endpoint per module: shutting one down costs 0.5 s per test."""
-    server = JWKSServer()
-    server.jwks = keys.jwks()
-    yield server
-    server.httpd.shutdown()
 
 
 def z(at: datetime) -> str:
