@@ -76,10 +76,6 @@ class Database:
         await self.engine.dispose()
 
 
-def database(request: Request) -> Database:
-    return request.app.state.db
-
-
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     async with request.app.state.db.sessionmaker() as session:
         yield session
