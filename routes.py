@@ -756,12 +756,15 @@ async def delete_channel(
     """Forget a channel; 409 while groups require it, unless force=true unlinks it first."""
     channel = await load_channel(session, chat_id, lock=True)
     assert channel.id is not None
-    affected = await bump_groups_linked_to(session, channel.id)
-    if affected and not force:
+    linked = await session.scalar(
+        select(func.count()).where(col(GroupChannel.channel_id) == channel.id)
+    )
+    if linked and not force:
         raise conflict(
-            f"channel {chat_id} is required by {len(affected)} group(s); "
+            f"channel {chat_id} is required by {linked} group(s); "
             "unlink it first or pass force=true"
         )
+    affected = await bump_groups_linked_to(session, channel.id)
     before = snapshot(channel)
     await session.execute(delete(GroupChannel).where(col(GroupChannel.channel_id) == channel.id))
     await session.delete(channel)
