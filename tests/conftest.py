@@ -1,12 +1,13 @@
 """Shared fixtures: real databases (SQLite always, PostgreSQL with TEST_DATABASE_URL), schema from
 Alembic, a fresh app per test with clean tables, a real JWKS endpoint and real signed tokens."""
 
+import base64
 import json
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -287,3 +288,45 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- table-driven tests
+
+
+SAME = object()
+
+
+def b64(value: Any) -> str:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def names_field(body: dict, *loc: Any) -> bool:
+    return any(e["loc"][: len(loc)] == list(loc) for e in body["errors"])
+
+
+def case(field: str, value: Any, name: str | None = None) -> tuple[str, str, Any]:
+    return (f"{field}={name or repr(value)}", field, value)
+
+
+def valid(
+    field: str, value: Any, expected: Any = SAME, name: str | None = None
+) -> tuple[str, str, Any, Any]:
+    return (f"{field}={name or repr(value)}", field, value, value if expected is SAME else expected)
+
+
+async def each(cases: Iterable[tuple], check: Callable[..., Awaitable[None]]) -> None:
+    """Run `check` on every row of a table (one app for all: fast), then report every failure."""
+    failures = []
+    for label, *args in cases:
+        try:
+            await check(*args)
+        except AssertionError as error:
+            failures.append(f"{label}: {error}".splitlines()[0])
+    assert not failures, "\n".join(failures)
+
+
+async def audit_log(client: httpx.AsyncClient, owner: dict[str, str]) -> list[dict]:
+    response = await client.get("/api/v1/audit", params={"limit": 200}, headers=owner)
+    assert response.status_code == 200, response.text
+    return response.json()["items"]

@@ -1,15 +1,12 @@
 """Channels: CRUD, validation, versions, delete while linked, list and pagination, audit."""
 
-import base64
-import json
-from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import Harness, problem
+from tests.conftest import Harness, audit_log, b64, case, each, names_field, problem, valid
 
 pytestmark = pytest.mark.anyio
 
@@ -71,45 +68,6 @@ async def listing(client: httpx.AsyncClient, auth: dict[str, str], **params: Any
     response = await client.get(CHANNELS, params=params, headers=auth)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-async def audit_log(client: httpx.AsyncClient, owner: dict[str, str]) -> list[dict]:
-    response = await client.get("/api/v1/audit", params={"limit": 200}, headers=owner)
-    assert response.status_code == 200, response.text
-    return response.json()["items"]
-
-
-def b64(value: Any) -> str:
-    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def names_field(body: dict, *loc: Any) -> bool:
-    return any(e["loc"][: len(loc)] == list(loc) for e in body["errors"])
-
-
-def case(field: str, value: Any, name: str | None = None) -> tuple[str, str, Any]:
-    return (f"{field}={name or repr(value)}", field, value)
-
-
-SAME = object()
-
-
-def valid(
-    field: str, value: Any, expected: Any = SAME, name: str | None = None
-) -> tuple[str, str, Any, Any]:
-    return (f"{field}={name or repr(value)}", field, value, value if expected is SAME else expected)
-
-
-async def each(cases: Iterable[tuple], check: Callable[..., Awaitable[None]]) -> None:
-    """Run `check` on every row of a table (one app for all: fast), then report every failure."""
-    failures = []
-    for label, *args in cases:
-        try:
-            await check(*args)
-        except AssertionError as error:
-            failures.append(f"{label}: {error}".splitlines()[0])
-    assert not failures, "\n".join(failures)
 
 
 # ---------------------------------------------------------------- validation
