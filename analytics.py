@@ -26,9 +26,13 @@ from models import (
     LATENCY_COLUMNS,
     LATENCY_EDGES_MS,
     VerificationIn,
+    aware,
     channel_rollups,
+    invalid,
+    member_counts,
     rollups,
     user_sketches,
+    utcnow,
 )
 
 HOUR = timedelta(hours=1)
@@ -251,6 +255,20 @@ class Window:
     since: datetime
     until: datetime
 
+    @classmethod
+    def of(cls, since: datetime | None, until: datetime | None, grain: str = "h") -> "Window":
+        """The window a request asks for: truncated to its hours (days for grain "d"),
+        by default the 7 days ending at the end of the current hour; 422 if empty."""
+        floor, step = (floor_hour, HOUR) if grain == "h" else (floor_day, DAY)
+        until, since = aware(until, "until"), aware(since, "since")
+        end = floor(until) if until is not None else floor(utcnow()) + step
+        start = floor(since) if since is not None else end - timedelta(days=7)
+        if start >= end:
+            raise invalid(
+                ("query", "since"), "must be before until (after truncation to the bucket)"
+            )
+        return cls(start, end)
+
     def parts(self) -> list[tuple[str, datetime, datetime]]:
         """(grain, from, to) ranges covering the window with as few rows as possible."""
         first_day = floor_day(self.since)
@@ -327,6 +345,16 @@ async def unique_users(session: AsyncSession, window: Window, chat_id: int | Non
     for blob in blobs:
         np.maximum(registers, decode(blob), out=registers)
     return estimate(registers)
+
+
+async def member_totals(session: AsyncSession, chat_id: int | None) -> tuple[int, int]:
+    """(verified, restricted) members now, of one group or of all, from the kept counts."""
+    counted = select(
+        func.coalesce(func.sum(member_counts.c.verified), 0),
+        func.coalesce(func.sum(member_counts.c.restricted), 0),
+    ).where(*group_filter(member_counts, chat_id))
+    verified, restricted = (await session.execute(counted)).one()
+    return int(verified), int(restricted)
 
 
 def fill_points(

@@ -1,4 +1,7 @@
-"""`create_app()`: lifespan, middleware, problem+json errors, routers. `app = create_app()`."""
+"""`create_app()`: the process's services, lifespan, middleware, problem+json errors, routers.
+
+Nothing here runs on import: `channelgate serve` hands uvicorn the factory (`app:create_app`).
+"""
 
 import asyncio
 import contextlib
@@ -10,36 +13,31 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 import httpx
-from alembic import command
-from alembic.config import Config
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import policy
 from auth import BOT_KEY_SCHEME, AuthState
-from db import POLICY_CHANNEL, Database, Listener
-from feed import FEED_CHANNEL, Feed
+from db import Database, Listener, migrate
+from feed import Feed
+from metrics import Metrics
 from models import VerificationBatch
-from routes import Counter, PolicyCache, PolicyEndpoint, bot, dashboard, service
+from routes import bot, dashboard, live, service
 from settings import Settings, get_settings
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("channelgate")
 access_log = logging.getLogger("channelgate.access")
@@ -64,9 +62,59 @@ DOCS_HEADERS = tuple(SECURITY_HEADERS)  # the docs page loads its scripts from a
 BOT_HEADERS = ((b"x-content-type-options", b"nosniff"),)
 
 
+@dataclass
+class Services:
+    """Everything the process holds while it serves: built with the app, started and
+    stopped by its lifespan. Each module reads its own part through one typed accessor
+    (db.database, auth.auth_state, policy.policies, feed.feed_of, metrics.metrics_of)."""
+
+    settings: Settings
+    http: httpx.AsyncClient
+    db: Database
+    auth: AuthState
+    policies: policy.Policies
+    feed: Feed
+    metrics: Metrics
+    listener: asyncio.Task[None] | None = field(default=None)
+
+    @classmethod
+    def build(cls, settings: Settings) -> "Services":
+        http = httpx.AsyncClient(timeout=5.0)
+        db = Database(settings)
+        metrics = Metrics()
+        metrics.watch_pool(db.engine)
+        return cls(
+            settings=settings,
+            http=http,
+            db=db,
+            auth=AuthState(settings, http, db),
+            policies=policy.Policies(db),
+            feed=Feed(db, metrics),
+            metrics=metrics,
+        )
+
+    async def start(self) -> None:
+        configure_logging(self.settings.log_level)
+        if self.settings.should_auto_migrate:
+            await migrate(self.db)
+        if self.db.is_postgres:
+            listener = Listener(self.settings.database_url, self.db, self.policies.clear)
+            self.listener = asyncio.create_task(listener.run(), name="channelgate-listener")
+
+    async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.listener
+        await self.http.aclose()
+        await self.db.dispose()
+        self.metrics.process_exited()
+
+
 class RequestIds:
     """Unique request ids without a urandom call per request: a random per-process prefix
-    and a counter (a forked worker draws its own prefix)."""
+    and a counter (a forked worker draws its own prefix). Hand-written: a uuid4 per request
+    was measurable on the policy route."""
 
     def __init__(self) -> None:
         self.reseed()
@@ -112,9 +160,8 @@ def problem(
     slug: str | None = None,
     **extra: Any,
 ) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", None)
     return JSONResponse(
-        problem_body(status, detail, request_id, slug, **extra),
+        problem_body(status, detail, request.scope["state"].get("request_id"), slug, **extra),
         status_code=status,
         headers=headers,
         media_type="application/problem+json",
@@ -159,57 +206,6 @@ async def database_unavailable(request: Request, error: Exception) -> JSONRespon
     )
 
 
-class Metrics:
-    """Request counts and latency histograms by route template, in Prometheus text format."""
-
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[tuple[str, str], list[float]] = {}  # bucket counts, then sum
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        series = self.latency.setdefault((method, route), [0.0] * (len(self.BUCKETS) + 2))
-        for i, edge in enumerate(self.BUCKETS):
-            if seconds <= edge:
-                series[i] += 1
-        series[-2] += 1  # +Inf
-        series[-1] += seconds
-
-    def render(self, app: FastAPI) -> str:
-        lines = [
-            "# TYPE channelgate_requests_total counter",
-            *(
-                f'channelgate_requests_total{{method="{m}",route="{r}",status="{s}"}} {n}'
-                for (m, r, s), n in sorted(self.requests.items())
-            ),
-            "# TYPE channelgate_request_seconds histogram",
-        ]
-        for (m, r), series in sorted(self.latency.items()):
-            labels = f'method="{m}",route="{r}"'
-            for edge, count in zip((*self.BUCKETS, "+Inf"), series[:-1], strict=True):
-                lines.append(
-                    f'channelgate_request_seconds_bucket{{{labels},le="{edge}"}} {count:g}'
-                )
-            lines.append(f"channelgate_request_seconds_count{{{labels}}} {series[-2]:g}")
-            lines.append(f"channelgate_request_seconds_sum{{{labels}}} {series[-1]:.6f}")
-        pool = app.state.db.engine.pool
-        lines += [
-            "# TYPE channelgate_db_pool_connections gauge",
-            f'channelgate_db_pool_connections{{state="checked_out"}} {pool.checkedout()}',
-            f'channelgate_db_pool_connections{{state="idle"}} {pool.checkedin()}',
-            "# TYPE channelgate_ingested_events_total counter",
-            f"channelgate_ingested_events_total {app.state.ingested.total}",
-            "# TYPE channelgate_feed_dropped_total counter",
-            f"channelgate_feed_dropped_total {app.state.feed.dropped}",
-            "# TYPE channelgate_feed_subscribers gauge",
-            f"channelgate_feed_subscribers {len(app.state.feed.subscribers)}",
-        ]
-        return "\n".join(lines) + "\n"
-
-
 class BodyTooLarge(HTTPException):
     """Raised from `receive` (FastAPI passes HTTPExceptions raised while reading through)."""
 
@@ -219,7 +215,8 @@ class BodyTooLarge(HTTPException):
 
 class Gate:
     """One pure-ASGI layer for every request: request id, body limits, JSON-only bodies,
-    security headers, access log, and a problem+json 500 that never leaks a stack trace."""
+    security headers, access log, metrics, and a problem+json 500 that never leaks a stack
+    trace."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
         self.app = app
@@ -247,7 +244,8 @@ class Gate:
         )
         scope.setdefault("state", {})["request_id"] = request_id
         path: str = scope["path"]
-        status_holder = [0]
+        status = 0
+        streamed = False  # an answer without Content-Length is a stream, not one piece
         if path.startswith("/api/v1/bot/"):
             security_headers = BOT_HEADERS
         elif path.startswith(("/docs", "/redoc")):
@@ -257,9 +255,12 @@ class Gate:
         extra_headers = [(b"x-request-id", request_id.encode()), *security_headers]
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal status, streamed
             if message["type"] == "http.response.start":
-                status_holder[0] = message["status"]
-                message["headers"] = [*message.get("headers", ()), *extra_headers]
+                headers = message.get("headers", ())
+                status = message["status"]
+                streamed = all(name.lower() != b"content-length" for name, _ in headers)
+                message["headers"] = [*headers, *extra_headers]
             await send(message)
 
         async def reject(status: int, detail: str, slug: str | None = None) -> None:
@@ -301,35 +302,39 @@ class Gate:
 
             await self.app(scope, limited_receive, send_with_headers)
         except BodyTooLarge:
-            if not status_holder[0]:
+            if not status:
                 await reject(413, f"the body exceeds {limit} bytes", "too-large")
         except Exception:
             log.exception(
                 "unhandled error in %s %s (request %s)", scope["method"], path, request_id
             )
-            if not status_holder[0]:
+            if not status:
                 await reject(500, "internal error; quote the request id when reporting it")
         finally:
-            route = scope.get("route")
-            if self.metrics is not None:
-                self.metrics.observe(
-                    scope["method"],
-                    getattr(route, "path", "unmatched"),
-                    status_holder[0] or 500,
-                    time.perf_counter() - started,
-                )
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info(
-                    "request",
-                    extra={
-                        "method": scope["method"],
-                        "path": path,  # never the query string: it may carry access_token
-                        "route": getattr(route, "path", None),
-                        "status": status_holder[0] or 500,
-                        "ms": round((time.perf_counter() - started) * 1000, 2),
-                        "request_id": request_id,
-                    },
-                )
+            self.finished(scope, request_id, status or 500, streamed, started)
+
+    def finished(
+        self, scope: Scope, request_id: str, status: int, streamed: bool, started: float
+    ) -> None:
+        seconds = time.perf_counter() - started
+        route = getattr(scope.get("route"), "path", None)
+        if self.metrics is not None:
+            label = route or "unmatched"
+            self.metrics.requests.labels(scope["method"], label, status).inc()
+            if not streamed:
+                self.metrics.latency.labels(scope["method"], label).observe(seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],  # never the query string: it may carry access_token
+                    "route": route,
+                    "status": status,
+                    "ms": round(seconds * 1000, 2),
+                    "request_id": request_id,
+                },
+            )
 
 
 class JSONLogFormatter(logging.Formatter):
@@ -358,67 +363,28 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def alembic_config(database_url: str | None = None) -> Config:
-    config = Config(str(Path(__file__).with_name("alembic.ini")))
-    config.attributes["configure_logging"] = False
-    if database_url:
-        config.attributes["database_url"] = database_url
-    return config
-
-
-async def migrate(db: Database) -> None:
-    """alembic upgrade head on the app's own engine."""
-
-    def upgrade(connection: Any) -> None:
-        config = alembic_config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-
-    async with db.engine.begin() as connection:
-        await connection.run_sync(upgrade)
-
-
-def parse_ids(payload: str) -> list[int]:
-    return [int(part) for part in payload.split(",") if part.lstrip("-").isdigit()]
+def operation_id(route: APIRoute) -> str:
+    """`<tag>-<function>` with the tag's own words dropped from the function's name, so a
+    generated client reads `groupsList`, `groupsLinkChannel`, `botKeysRevoke`."""
+    if not route.tags:
+        return route.name
+    tag = str(route.tags[0]).replace(" ", "_")
+    noise = {word for part in tag.split("_") for word in (part, part.removesuffix("s"))}
+    words = [word for word in route.name.split("_") if word not in noise] or [route.name]
+    return f"{tag}-{'_'.join(words)}"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    services = Services.build(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level)
-        db = Database(settings)
-        if settings.should_auto_migrate:
-            await migrate(db)
-        policies = PolicyCache()
-        feed = Feed(db)
-        db.sessionmaker.configure(info={"feed": feed})
-        listener_task = None
-        if db.is_postgres:
-            listener = Listener(
-                settings.database_url,
-                {
-                    POLICY_CHANNEL: lambda payload: policies.invalidate(*parse_ids(payload)),
-                    FEED_CHANNEL: feed.announced,
-                },
-                on_reconnect=policies.clear,
-            )
-            listener_task = asyncio.create_task(listener.run(), name="channelgate-listener")
-        async with httpx.AsyncClient(timeout=5.0) as http:
-            app.state.db = db
-            app.state.auth = AuthState(settings, http)
-            app.state.policies = policies
-            app.state.feed = feed
-            app.state.ingested = Counter()
-            try:
-                yield
-            finally:
-                if listener_task is not None:
-                    listener_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await listener_task
-                await db.dispose()
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await services.start()
+        try:
+            yield
+        finally:
+            await services.stop()
 
     app = FastAPI(
         title="channelgate",
@@ -426,23 +392,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Join-the-channel-before-you-talk: groups, policies, verifications.",
         lifespan=lifespan,
         openapi_url="/openapi.json",
+        generate_unique_id_function=operation_id,
         # FastAPI's built-in OpenTelemetry hooks cost every request, and nothing here reads
         # them: channelgate has its own access log and /metrics.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
-    app.state.settings = settings
+    app.state.services = services
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     for error_type in DB_UNAVAILABLE:
         app.add_exception_handler(error_type, database_unavailable)
     app.include_router(bot)  # first: routes are matched in order, and the bot's are hot
-    # The policy read is the one route called for every message: serve it as a plain
-    # Starlette route ahead of its documented FastAPI twin (measured: bench/README.md).
-    app.router.routes.insert(
-        0, Route("/api/v1/bot/groups/{chat_id}/policy", PolicyEndpoint(), methods=["GET"])
-    )
+    # The policy read is the one route called for every message: served by a bare route
+    # ahead of its documented FastAPI twin (see policy.py; measured: bench/README.md).
+    app.router.routes.insert(0, policy.route(services.auth, services.policies))
     app.include_router(service)
     app.include_router(dashboard)
+    app.include_router(live)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -458,15 +424,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["ETag", "X-Request-ID", "Retry-After"],
             max_age=600,
         )
-    metrics = Metrics() if settings.metrics_enabled else None
-    app.add_middleware(Gate, metrics=metrics)
-    if metrics is not None:
-
-        @app.get("/metrics", include_in_schema=True, tags=["service"])
-        async def read_metrics() -> PlainTextResponse:
-            """Prometheus metrics (METRICS_ENABLED=true)."""
-            return PlainTextResponse(metrics.render(app), media_type="text/plain; version=0.0.4")
-
+    app.add_middleware(Gate, metrics=services.metrics if settings.metrics_enabled else None)
     app.openapi = lambda: openapi_with_bot_security(app)  # pyrefly: ignore[bad-assignment]
     return app
 
@@ -489,11 +447,14 @@ def openapi_with_bot_security(app: FastAPI) -> dict[str, Any]:
         schemas.update(batch.pop("$defs", {}))
         schemas["VerificationBatch"] = batch
         for path, operations in schema["paths"].items():
-            if path.startswith("/api/v1/bot/"):
-                for operation in operations.values():
+            for operation in operations.values():
+                if path.startswith("/api/v1/bot/"):
                     operation["security"] = [{"BotKey": []}]
+                for response in operation.get("responses", {}).values():
+                    for media in response.get("content", {}).values():
+                        # FastAPI describes SSE with OpenAPI 3.2's itemSchema; in 3.1 a
+                        # stream is a string.
+                        if media.pop("itemSchema", None) is not None:
+                            media["schema"] = {"type": "string"}
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-app = create_app()

@@ -1,6 +1,9 @@
-"""Who is calling: Supabase access tokens for the dashboard, bot API keys for the bot.
+"""Who is calling, and what they did: Supabase access tokens for the dashboard, bot API keys
+for the bot, and the audit trail every write leaves in its own transaction.
 
-Dependencies: `CurrentStaff` (any staff), `Editor`, `Owner`, `BotCaller`.
+Dependencies: `CurrentStaff` (any staff; the dashboard router's default), `FeedStaff` (the
+same, with the token also accepted in `?access_token=`), `Editor`, `Owner`, `BotCaller`
+(the bot router's default).
 """
 
 import asyncio
@@ -14,13 +17,15 @@ from typing import Annotated, Any
 
 import httpx
 import jwt
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select, update
-from sqlmodel import col
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import select
+from starlette.requests import HTTPConnection
 
-from db import SessionDep
-from models import ROLE_RANK, BotKey, Role, Staff, utcnow
+from db import AUDIT, Database, SessionDep, announce
+from models import ROLE_RANK, AuditLog, BotKey, BotKeyCreated, Role, Staff, utcnow
 from settings import BOT_KEY_RE, Settings
 
 log = logging.getLogger("channelgate.auth")
@@ -42,7 +47,12 @@ class JWKSUnavailable(Exception):
 
 
 class JWKS:
-    """Signing keys of the Supabase project, cached; refetched at most every 30 s."""
+    """Signing keys of the Supabase project, cached; refetched at most every 30 s.
+
+    Hand-written rather than PyJWT's PyJWKClient: that client fetches with urllib, which
+    blocks the event loop, and refetches on every unknown `kid` (a flood of forged tokens
+    would become a flood of JWKS requests); this one never blocks, throttles refetches and
+    keeps the cached keys when the endpoint is down."""
 
     def __init__(self, url: str, client: httpx.AsyncClient) -> None:
         self.url = url
@@ -101,12 +111,12 @@ class BotKeyCache:
         self.entries: dict[str, tuple[float, BotIdentity | None]] = {}
         self.loading: dict[str, asyncio.Task[BotIdentity | None]] = {}
 
-    async def load(self, app: Any, key_hash: str) -> BotIdentity | None:
+    async def load(self, db: Database, key_hash: str) -> BotIdentity | None:
         """One database lookup per key however many requests miss at once (when an entry
         expires under load, every in-flight request of that bot misses together)."""
         task = self.loading.get(key_hash)
         if task is None:
-            task = asyncio.ensure_future(_load_bot_key(app, key_hash))
+            task = asyncio.ensure_future(_load_bot_key(db, key_hash))
             self.loading[key_hash] = task
 
             def done(finished: asyncio.Task[BotIdentity | None]) -> None:
@@ -136,15 +146,26 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def new_bot_key() -> str:
-    return "cgk_" + secrets.token_urlsafe(32)
+async def issue_bot_key(session: AsyncSession, actor: "Principal", name: str) -> BotKeyCreated:
+    """A new bot key, stored as its hash and audited; the caller commits. The key itself is
+    in the answer and nowhere else."""
+    key = "cgk_" + secrets.token_urlsafe(32)
+    row = BotKey(name=name, prefix=key[:12], key_hash=hash_key(key))
+    session.add(row)
+    await session.flush()
+    assert row.id is not None
+    await actor.audit(session, "bot_key.create", "bot_key", row.id, after=snapshot(row))
+    return BotKeyCreated(
+        id=row.id, name=row.name, prefix=row.prefix, key=key, created_at=row.created_at
+    )
 
 
 class AuthState:
-    """Per-application auth caches (kept on app.state)."""
+    """Per-application auth caches."""
 
-    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: Settings, http: httpx.AsyncClient, db: Database) -> None:
         self.settings = settings
+        self.db = db
         self.jwks = JWKS(settings.jwks_url, http) if settings.jwks_url else None
         self.bot_keys = BotKeyCache()
         self.env_bot_keys = {
@@ -166,6 +187,40 @@ class Principal:
     source: str = "database"
     request_id: str | None = None
 
+    async def audit(
+        self,
+        session: AsyncSession,
+        action: str,
+        resource: str,
+        resource_id: object,
+        before: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the audit row of a change in the change's own transaction (flushed, so the
+        live feed can announce its id at commit)."""
+        row = AuditLog(
+            actor_kind="bot" if self.kind == "bot" else "staff",
+            actor_id=self.id,
+            actor_name=self.name,
+            action=action,
+            resource=resource,
+            resource_id=str(resource_id),
+            before=before,
+            after=after,
+            request_id=self.request_id,
+        )
+        session.add(row)
+        await session.flush()
+        announce(session, AUDIT, [row.id])
+
+
+SECRET_FIELDS = frozenset({"id", "key_hash"})
+
+
+def snapshot(row: Any) -> dict[str, Any]:
+    """A row as its audit entry shows it (never its surrogate id or a key's hash)."""
+    return row.model_dump(mode="json", exclude=SECRET_FIELDS)
+
 
 bearer = HTTPBearer(
     auto_error=False, scheme_name="SupabaseJWT", description="Supabase access token"
@@ -177,8 +232,8 @@ BOT_KEY_SCHEME = {
 }
 
 
-def _state(request: Request) -> AuthState:
-    return request.app.state.auth
+def auth_state(connection: HTTPConnection) -> AuthState:
+    return connection.app.state.services.auth
 
 
 async def verify_token(token: str, state: AuthState) -> dict[str, Any]:
@@ -238,41 +293,63 @@ async def verify_token(token: str, state: AuthState) -> dict[str, Any]:
     return claims
 
 
-async def current_staff(
-    request: Request,
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+async def staff_with_token(
+    connection: HTTPConnection, session: AsyncSession, token: str | None
 ) -> Principal:
-    token = credentials.credentials if credentials else None
-    if token is None and request.url.path == "/api/v1/events":
-        token = request.query_params.get("access_token")  # EventSource cannot set headers
+    """The staff member a Supabase access token belongs to; 401 for a bad token, 403 for a
+    valid one whose user is not staff."""
     if not token:
         raise unauthorized("missing bearer token")
     if token.startswith("cgk_"):
         raise unauthorized("bot keys are not accepted on dashboard routes")
-    state = _state(request)
+    state = auth_state(connection)
     claims = await verify_token(token, state)
     user_id = claims["sub"]
-    request_id = getattr(request.state, "request_id", None)
+    request_id = connection.scope.get("state", {}).get("request_id")
     common = {"aal": claims.get("aal"), "request_id": request_id, "name": claims.get("email")}
     if user_id in state.owner_ids:
         return Principal(kind="staff", id=user_id, role="owner", source="environment", **common)
-    role = await session.scalar(
-        select(col(Staff.role)).where(col(Staff.user_id) == uuid.UUID(user_id))
-    )
-    if role is None:
+    staff = await session.scalar(select(Staff).where(Staff.user_id == uuid.UUID(user_id)))
+    if staff is None:
         raise HTTPException(403, "this account is not channelgate staff")
-    return Principal(kind="staff", id=user_id, role=role, **common)
+    return Principal(kind="staff", id=user_id, role=staff.role, **common)
+
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+async def current_staff(
+    connection: HTTPConnection, session: SessionDep, credentials: Credentials
+) -> Principal:
+    return await staff_with_token(
+        connection, session, credentials.credentials if credentials else None
+    )
+
+
+async def feed_staff(
+    connection: HTTPConnection,
+    session: SessionDep,
+    credentials: Credentials,
+    access_token: Annotated[
+        str | None,
+        Query(description="the access token, for EventSource (which cannot set headers)"),
+    ] = None,
+) -> Principal:
+    token = credentials.credentials if credentials else access_token
+    return await staff_with_token(connection, session, token)
 
 
 CurrentStaff = Annotated[Principal, Depends(current_staff)]
+FeedStaff = Annotated[Principal, Depends(feed_staff)]
 
 
 def _require(minimum: Role):
-    async def check(principal: CurrentStaff, request: Request) -> Principal:
+    async def check(principal: CurrentStaff, connection: HTTPConnection) -> Principal:
         if ROLE_RANK[principal.role or "viewer"] < ROLE_RANK[minimum]:
             raise HTTPException(403, f"this needs the {minimum} role")
-        aal2_required = minimum == "owner" and _state(request).settings.require_aal2_for_owners
+        aal2_required = (
+            minimum == "owner" and auth_state(connection).settings.require_aal2_for_owners
+        )
         if aal2_required and principal.aal != "aal2":
             raise HTTPException(403, "owner actions need multi-factor sign-in (aal2)")
         return principal
@@ -284,17 +361,19 @@ Editor = Annotated[Principal, Depends(_require("editor"))]
 Owner = Annotated[Principal, Depends(_require("owner"))]
 
 
-async def bot_caller(request: Request) -> Principal:
+async def bot_caller(connection: HTTPConnection) -> Principal:
     # Reads the header itself (no HTTPBearer sub-dependency): this runs on the hot path.
     # app.py documents the BotKey scheme on every bot route in the OpenAPI document.
     return await authenticate_bot(
-        request.app,
-        request.headers.get("authorization", ""),
-        getattr(request.state, "request_id", None),
+        auth_state(connection),
+        connection.headers.get("authorization", ""),
+        connection.scope.get("state", {}).get("request_id"),
     )
 
 
-async def authenticate_bot(app: Any, authorization: str, request_id: str | None) -> Principal:
+async def authenticate_bot(
+    state: AuthState, authorization: str, request_id: str | None
+) -> Principal:
     """The bot key in an Authorization header value, checked against BOT_API_KEYS and the
     (cached) database keys; 401 unless it is a live key."""
     scheme, _, key = authorization.partition(" ")
@@ -302,24 +381,24 @@ async def authenticate_bot(app: Any, authorization: str, request_id: str | None)
         raise unauthorized("missing bot key")
     if not BOT_KEY_RE.fullmatch(key):
         raise unauthorized("bot routes need a bot key (cgk_…)")
-    state: AuthState = app.state.auth
     key_hash = hash_key(key)
     identity = state.env_bot_keys.get(key_hash)
     if identity is None:
         cached = state.bot_keys.get(key_hash)
-        identity = cached[1] if cached else await state.bot_keys.load(app, key_hash)
+        identity = cached[1] if cached else await state.bot_keys.load(state.db, key_hash)
     if identity is None:
         raise unauthorized("unknown or revoked bot key")
     return Principal(kind="bot", id=identity.id, name=identity.name, request_id=request_id)
 
 
-async def _load_bot_key(app: Any, key_hash: str) -> BotIdentity | None:
-    # Its own short session: the hot path has no request session to borrow.
-    async with app.state.db.sessionmaker() as session:
+async def _load_bot_key(db: Database, key_hash: str) -> BotIdentity | None:
+    # Its own short session: bot authentication runs before the request's session is used.
+    async with db.sessionmaker() as session:
         row = (
             await session.execute(
-                select(col(BotKey.id), col(BotKey.name), col(BotKey.last_used_at)).where(
-                    col(BotKey.key_hash) == key_hash, col(BotKey.revoked_at).is_(None)
+                select(BotKey.id, BotKey.name, BotKey.last_used_at).where(
+                    BotKey.key_hash == key_hash,
+                    BotKey.revoked_at.is_(None),  # pyrefly: ignore[missing-attribute]
                 )
             )
         ).first()
@@ -329,7 +408,7 @@ async def _load_bot_key(app: Any, key_hash: str) -> BotIdentity | None:
             now = utcnow()
             if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
                 await session.execute(
-                    update(BotKey).where(col(BotKey.id) == row.id).values(last_used_at=now)
+                    update(BotKey).where(BotKey.id == row.id).values(last_used_at=now)
                 )
                 await session.commit()
     return identity

@@ -26,8 +26,11 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     settings = load_settings()
+    if settings.metrics_enabled:
+        share_metrics_between_workers()
     uvicorn.run(
-        "app:app",
+        "app:create_app",
+        factory=True,
         host=args.host,
         port=args.port,
         workers=None if args.reload else args.workers,
@@ -40,9 +43,20 @@ def serve(args: argparse.Namespace) -> None:
     )
 
 
+def share_metrics_between_workers() -> None:
+    """A fresh directory for prometheus-client's multiprocess mode, unless one is given:
+    every worker writes its samples there and any of them answers a scrape with all."""
+    import os
+    import tempfile
+
+    from metrics import MULTIPROC_ENV
+
+    if not os.environ.get(MULTIPROC_ENV):
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="channelgate-metrics-")
+
+
 async def _migrate(settings: Settings) -> None:
-    from app import migrate
-    from db import Database
+    from db import Database, migrate
 
     db = Database(settings)
     try:
@@ -57,19 +71,18 @@ def migrate(_: argparse.Namespace) -> None:
 
 
 async def _create_bot_key(settings: Settings, name: str) -> str:
-    from auth import Principal
-    from db import Database
-    from routes import create_key
+    from auth import Principal, issue_bot_key
+    from db import Database, migrate
 
     db = Database(settings)
     try:
         if settings.should_auto_migrate:
-            from app import migrate as migrate_db
-
-            await migrate_db(db)
+            await migrate(db)
         async with db.sessionmaker() as session:
             cli = Principal(kind="staff", id="cli", name="channelgate create-bot-key")
-            return (await create_key(session, cli, name)).key
+            created = await issue_bot_key(session, cli, name)
+            await session.commit()
+            return created.key
     finally:
         await db.dispose()
 
@@ -84,20 +97,17 @@ def create_bot_key(args: argparse.Namespace) -> None:
 
 
 async def _add_staff(settings: Settings, user_id: uuid.UUID, role: str, email: str | None) -> None:
-    from sqlalchemy import select
-    from sqlmodel import col
+    from sqlmodel import select
 
-    from db import Database
+    from db import Database, migrate
     from models import Staff, utcnow
 
     db = Database(settings)
     try:
         if settings.should_auto_migrate:
-            from app import migrate as migrate_db
-
-            await migrate_db(db)
+            await migrate(db)
         async with db.sessionmaker() as session:
-            staff = await session.scalar(select(Staff).where(col(Staff.user_id) == user_id))
+            staff = await session.scalar(select(Staff).where(Staff.user_id == user_id))
             if staff is None:
                 session.add(Staff(user_id=user_id, role=role, email=email))  # pyrefly: ignore[bad-argument-type]
             else:
@@ -156,10 +166,10 @@ async def _seed_demo(settings: Settings, groups: int, events: int, days: int, se
     import random
     from datetime import UTC, datetime, timedelta
 
-    from sqlalchemy import insert, select
-    from sqlmodel import col
+    from sqlalchemy import insert
+    from sqlmodel import select
 
-    from db import Database
+    from db import Database, migrate
     from ingest import ingest
     from models import Channel, Group, GroupChannel, VerificationIn
 
@@ -167,13 +177,11 @@ async def _seed_demo(settings: Settings, groups: int, events: int, days: int, se
     db = Database(settings)
     try:
         if settings.should_auto_migrate:
-            from app import migrate as migrate_db
-
-            await migrate_db(db)
+            await migrate(db)
         async with db.sessionmaker() as session:
             topics = [DEMO_TOPICS[i % len(DEMO_TOPICS)] for i in range(groups)]
             channel_ids = [-1009000000000 - i for i in range(max(2, groups // 2 + 1))]
-            existing = set(await session.scalars(select(col(Channel.chat_id))))
+            existing = set(await session.scalars(select(Channel.chat_id)))
             channels = [
                 Channel.model_validate(
                     {"chat_id": cid, "title": f"{topics[i % groups]} Channel",
@@ -183,7 +191,7 @@ async def _seed_demo(settings: Settings, groups: int, events: int, days: int, se
             ]  # fmt: skip
             session.add_all(channels)
             group_ids = [-1008000000000 - i for i in range(groups)]
-            existing = set(await session.scalars(select(col(Group.chat_id))))
+            existing = set(await session.scalars(select(Group.chat_id)))
             new_groups = [
                 Group.model_validate(
                     {"chat_id": gid, "title": f"{topics[i]} Chat", "username": f"demo_group_{i}",

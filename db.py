@@ -1,15 +1,47 @@
-"""The async engine, the session factory, `SessionDep` and the PostgreSQL/SQLite helpers."""
+"""The database: engine and sessions, announcements at commit, migrations, dialect helpers,
+keyset pagination, and the LISTEN link to the other replicas.
+
+How a write reaches this process's caches, the other replicas and the live feed:
+
+    a route changes rows and says what it changed, inside its transaction:
+        announce(session, POLICY, chat_ids)     policy.changed(): a group's policy changed
+        announce(session, AUDIT, [row id])      auth.audit(): an audit row was written
+        announce(session, VERIFICATION, ids)    ingest.ingest(): events were stored
+    await session.commit()
+      ├─ before_commit (PostgreSQL): one pg_notify per chunk of ids on the `channelgate`
+      │  channel, in the same transaction: other replicas hear of it only if it commits
+      └─ after_commit: this process's handler for each topic runs at once
+         (the policy cache drops the groups, the feed fetches and fans out the rows)
+    every other replica: its Listener (one LISTEN connection) hands each payload to the
+    same handlers, skipping the ones its own process sent.
+
+The hooks are registered on each Database's own sessionmaker (not SQLAlchemy's global
+Session class), so two apps in one process (the tests' replicas) never hear each other's
+commits except through PostgreSQL.
+"""
 
 import asyncio
+import base64
+import binascii
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from alembic import command
+from alembic.config import Config
+from fastapi import Depends, Query
+from pydantic import BaseModel, Field
 from sqlalchemy import (
     JSON,
+    ColumnElement,
+    Select,
     Table,
     bindparam,
     event,
@@ -18,6 +50,7 @@ from sqlalchemy import (
     make_url,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -27,11 +60,27 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session, sessionmaker
+from sqlmodel import SQLModel
+from starlette.requests import HTTPConnection
 
+from models import invalid
 from settings import Settings
 
 log = logging.getLogger("channelgate.db")
 PG_DIALECT = postgresql.dialect()
+INT64 = 2**63 - 1
+
+# ---------------------------------------------------------------- engine, sessions, topics
+
+NOTIFY_CHANNEL = "channelgate"
+POLICY, AUDIT, VERIFICATION = "policy", "audit", "verification"
+MAX_PAYLOAD = 7900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
+NOTIFY_MANY = text(
+    "SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"
+)
+
+Handler = Callable[[list[str]], None]
 
 
 def make_engine(settings: Settings) -> AsyncEngine:
@@ -67,21 +116,118 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 class Database:
+    """The engine, its sessionmaker, and what committed transactions announce: each topic's
+    handler runs in this process after commit and, on PostgreSQL, on every other replica
+    through NOTIFY."""
+
     def __init__(self, settings: Settings) -> None:
         self.engine = make_engine(settings)
-        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.origin = secrets.token_hex(4)  # tells this process's notifications from others'
+        self.handlers: dict[str, Handler] = {}
+        sync_maker = sessionmaker()
+        event.listen(sync_maker, "before_commit", self._notify)
+        event.listen(sync_maker, "after_commit", self._deliver_here)
+        event.listen(sync_maker, "after_rollback", _forget)
+        self.sessionmaker = async_sessionmaker(
+            self.engine, expire_on_commit=False, sync_session_class=sync_maker
+        )
+
+    def on(self, topic: str, handler: Handler) -> None:
+        self.handlers[topic] = handler
+
+    def heard(self, payload: str) -> None:
+        """A notification from PostgreSQL: run its topic's handler unless this process sent
+        it (it ran here at commit already)."""
+        origin, _, rest = payload.partition(" ")
+        topic, _, items = rest.partition(" ")
+        handler = self.handlers.get(topic)
+        if origin != self.origin and handler is not None and items:
+            handler(items.split(","))
+
+    def _notify(self, session: Session) -> None:
+        pending: dict[str, list[str]] | None = session.info.get("announce")
+        if not pending or not self.is_postgres:
+            return
+        payloads = [
+            f"{self.origin} {topic} {chunk}" for topic, items in pending.items() for chunk in
+            _chunks(items, MAX_PAYLOAD - len(self.origin) - len(topic) - 2)
+        ]  # fmt: skip
+        session.execute(NOTIFY_MANY, {"channel": NOTIFY_CHANNEL, "payloads": payloads})
+
+    def _deliver_here(self, session: Session) -> None:
+        pending: dict[str, list[str]] | None = session.info.pop("announce", None)
+        for topic, items in (pending or {}).items():
+            if (handler := self.handlers.get(topic)) is not None:
+                handler(items)
 
     async def dispose(self) -> None:
         await self.engine.dispose()
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.db.sessionmaker() as session:
+def announce(session: AsyncSession | Session, topic: str, items: Iterable[object]) -> None:
+    """Tell this process and every replica, once the session commits, that these items
+    (ids) of `topic` changed. Nothing is told if the transaction rolls back."""
+    pending: dict[str, list[str]] = session.info.setdefault("announce", {})
+    pending.setdefault(topic, []).extend(map(str, items))
+
+
+def _forget(session: Session) -> None:
+    session.info.pop("announce", None)
+
+
+def _chunks(items: list[str], size: int) -> Iterable[str]:
+    """Comma-joined runs of items, each at most `size` characters long."""
+    chunk: list[str] = []
+    length = 0
+    for item in items:
+        if chunk and length + 1 + len(item) > size:
+            yield ",".join(chunk)
+            chunk, length = [], 0
+        length += len(item) + (1 if chunk else 0)
+        chunk.append(item)
+    if chunk:
+        yield ",".join(chunk)
+
+
+def database(connection: HTTPConnection) -> Database:
+    return connection.app.state.services.db
+
+
+async def get_session(connection: HTTPConnection) -> AsyncIterator[AsyncSession]:
+    async with database(connection).sessionmaker() as session:
         yield session
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# Closed as soon as the endpoint returns, before the response is sent: a slow client, a CSV
+# export or a live feed never holds a connection for the request (the stream opens its own).
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+# ---------------------------------------------------------------- migrations
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    config = Config(str(Path(__file__).with_name("alembic.ini")))
+    config.attributes["configure_logging"] = False
+    if database_url:
+        config.attributes["database_url"] = database_url
+    return config
+
+
+async def migrate(db: Database) -> None:
+    """alembic upgrade head on the database's own engine."""
+
+    def upgrade(connection: Any) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with db.engine.begin() as connection:
+        await connection.run_sync(upgrade)
+
+
+# ---------------------------------------------------------------- dialect helpers
 
 
 def is_postgres(session: AsyncSession) -> bool:
@@ -147,29 +293,112 @@ def _unnest_source(table: Table, names: tuple[str, ...]) -> tuple[Any, list[str]
     return source, [c.name for c in columns if isinstance(c.type, JSON)]
 
 
-POLICY_CHANNEL = "channelgate_policy"
+# ---------------------------------------------------------------- keyset pagination
+# A cursor is the last row's sort key as urlsafe-base64 JSON, led by the order's name so
+# that a cursor for another order is refused. Hand-written rather than signed or encrypted:
+# it holds nothing the page does not show, and decoding checks every value's type.
 
 
-async def notify(session: AsyncSession, channel: str, payload: str) -> None:
-    """pg_notify inside the session's transaction: delivered to every replica on commit.
-    (SQLite has one process, nothing to tell.)"""
-    if is_postgres(session):
-        await session.execute(select(func.pg_notify(channel, payload)))
+type AnySelect = Select[*tuple[Any, ...]]
+
+
+class PageParams(BaseModel):
+    limit: int = Field(50, ge=1, le=200)
+    cursor: str | None = Field(None, max_length=512)
+
+
+PageQuery = Annotated[PageParams, Query()]
+
+
+@dataclass(frozen=True)
+class Keyset:
+    """A list's order: `columns` (unique together, the last one a tiebreaker), one
+    direction, and a `name` bound into its cursors."""
+
+    name: str
+    columns: tuple[Any, ...]
+    descending: bool = False
+
+    def where_after(self, values: Sequence[Any]) -> ColumnElement[bool]:
+        row, cursor = tuple_(*self.columns), tuple_(*values)
+        return row < cursor if self.descending else row > cursor
+
+    def order(self) -> list[Any]:
+        return [c.desc() if self.descending else c.asc() for c in self.columns]
+
+    def kinds(self) -> list[type]:
+        return [c.type.python_type for c in self.columns]
+
+
+def encode_cursor(name: str, values: Sequence[Any]) -> str:
+    encoded = [v.isoformat() if isinstance(v, datetime) else v for v in values]
+    raw = json.dumps([name, *[str(v) if isinstance(v, uuid.UUID) else v for v in encoded]])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+BAD_CURSOR = "malformed cursor; use next_cursor as returned"
+
+
+def decode_cursor(cursor: str, name: str, kinds: Sequence[type]) -> list[Any]:
+    """The sort key in a cursor made by `encode_cursor` for `name`; anything else is a 422."""
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(raw, list) or len(raw) != len(kinds) + 1 or raw[0] != name:
+            raise ValueError
+        return [_cursor_value(kind, value) for kind, value in zip(kinds, raw[1:], strict=True)]
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
+        raise invalid(("query", "cursor"), BAD_CURSOR) from None
+
+
+def _cursor_value(kind: type, value: object) -> Any:
+    if kind is datetime and isinstance(value, str):
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is not None:
+            return parsed.astimezone(UTC)
+    elif kind is uuid.UUID and isinstance(value, str):
+        return uuid.UUID(value)
+    elif kind is int and type(value) is int:
+        if -INT64 <= value <= INT64:
+            return value
+    elif kind is str and isinstance(value, str) and "\x00" not in value:
+        return value
+    raise ValueError
+
+
+async def paginate(
+    session: AsyncSession, statement: AnySelect, keyset: Keyset, page: PageParams
+) -> tuple[list[Any], str | None]:
+    """One page of `statement` in `keyset` order and the cursor of the next (None on the
+    last page). The sort key is read off each row's first entity, or off the row itself."""
+    if page.cursor is not None:
+        after = decode_cursor(page.cursor, keyset.name, keyset.kinds())
+        statement = statement.where(keyset.where_after(after))
+    statement = statement.order_by(*keyset.order()).limit(page.limit + 1)
+    rows = list((await session.execute(statement)).all())
+    if len(rows) <= page.limit:
+        return rows, None
+    last = rows[page.limit - 1]
+    source = last[0] if isinstance(last[0], SQLModel) else last
+    return rows[: page.limit], encode_cursor(
+        keyset.name, [getattr(source, column.key) for column in keyset.columns]
+    )
+
+
+async def count(session: AsyncSession, statement: AnySelect) -> int:
+    return await session.scalar(select(func.count()).select_from(statement.subquery())) or 0
+
+
+# ---------------------------------------------------------------- cross-replica link
 
 
 class Listener:
-    """One dedicated PostgreSQL connection that LISTENs for cross-replica notifications and
-    hands each payload to its channel's handler. Reconnects forever; after a reconnect it calls
-    `on_reconnect`, since notifications sent while it was away are lost."""
+    """One dedicated PostgreSQL connection that LISTENs for the other replicas'
+    announcements and hands them to `Database.heard`. Reconnects forever; after a reconnect
+    it calls `on_reconnect`, since notifications sent while it was away are lost."""
 
-    def __init__(
-        self,
-        database_url: str,
-        handlers: dict[str, Callable[[str], None]],
-        on_reconnect: Callable[[], None],
-    ) -> None:
+    def __init__(self, database_url: str, db: Database, on_reconnect: Callable[[], None]) -> None:
         self.dsn = make_url(database_url).set(drivername="postgresql").render_as_string(False)
-        self.handlers = handlers
+        self.db = db
         self.on_reconnect = on_reconnect
         self.connected = asyncio.Event()
 
@@ -182,10 +411,9 @@ class Listener:
                 connection = await asyncpg.connect(self.dsn, timeout=5)
                 closed = asyncio.Event()
                 connection.add_termination_listener(lambda _, done=closed: done.set())
-                for channel, handler in self.handlers.items():
-                    await connection.add_listener(
-                        channel, lambda _c, _p, _ch, payload, h=handler: h(payload)
-                    )
+                await connection.add_listener(
+                    NOTIFY_CHANNEL, lambda _c, _p, _ch, payload: self.db.heard(payload)
+                )
                 self.on_reconnect()
                 self.connected.set()
                 while not closed.is_set():

@@ -1,33 +1,31 @@
 """The live feed: verifications and audit entries, pushed to dashboard subscribers (SSE).
 
-A committed transaction announces the ids of the rows it wrote: on PostgreSQL with NOTIFY, so
-every replica hears it; on SQLite to this process only. A process with subscribers then reads
-those rows once and fans them out. Each subscriber has a bounded queue; a slow one loses
-events (counted, and told) instead of slowing anyone down.
+A committed transaction announces the ids of the rows it wrote (db.announce, topics AUDIT
+and VERIFICATION): this process hears it at commit, every other replica through NOTIFY. A
+process with subscribers then reads those rows once and fans them out. Each subscriber has a
+bounded queue; a slow one loses events (counted, and told) instead of slowing anyone down.
 """
 
 import asyncio
+import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
-from sqlalchemy import event, select, text
-from sqlalchemy.orm import Session
-from sqlmodel import col
+from fastapi import HTTPException
+from fastapi.sse import ServerSentEvent
+from sqlmodel import col, select
+from starlette.requests import HTTPConnection
 
-from db import Database
+from db import AUDIT, VERIFICATION, Database
+from metrics import Metrics
 from models import AuditLog, AuditPublic, Verification, VerificationPublic
 
 log = logging.getLogger("channelgate.feed")
 
-FEED_CHANNEL = "channelgate_feed"
 QUEUE_SIZE = 1000
 MAX_SUBSCRIBERS = 1000
-IDS_PER_NOTIFY = 500  # keeps each payload under PostgreSQL's 8000-byte limit
-KINDS = {"v": "verification", "a": "audit"}
-NOTIFY_MANY = text(
-    "SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"
-)
+RETRY_MS = 3000
 
 
 @dataclass(eq=False)
@@ -35,23 +33,39 @@ class Subscriber:
     queue: asyncio.Queue[tuple[str, str]] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     dropped: int = 0
 
+    async def events(self) -> AsyncIterator[ServerSentEvent]:
+        """The stream as a browser's EventSource reads it: the reconnection delay first,
+        then every event (after a `dropped` count when some were lost)."""
+        yield ServerSentEvent(retry=RETRY_MS)
+        while True:
+            kind, data = await self.queue.get()
+            if self.dropped:
+                yield ServerSentEvent(event="dropped", raw_data=json.dumps({"count": self.dropped}))
+                self.dropped = 0
+            yield ServerSentEvent(event=kind, raw_data=data)
+
 
 class Feed:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, metrics: Metrics) -> None:
         self.db = db
+        self.metrics = metrics
         self.subscribers: set[Subscriber] = set()
-        self.dropped = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        for topic in (AUDIT, VERIFICATION):
+            db.on(topic, lambda ids, kind=topic: self.announced(kind, ids))
 
     def subscribe(self) -> Subscriber | None:
         if len(self.subscribers) >= MAX_SUBSCRIBERS:
             return None
         subscriber = Subscriber()
         self.subscribers.add(subscriber)
+        self.metrics.feed_subscribers.inc()
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        self.subscribers.discard(subscriber)
+        if subscriber in self.subscribers:
+            self.subscribers.discard(subscriber)
+            self.metrics.feed_subscribers.dec()
 
     def publish(self, kind: str, data: str) -> None:
         for subscriber in self.subscribers:
@@ -59,24 +73,21 @@ class Feed:
                 subscriber.queue.put_nowait((kind, data))
             except asyncio.QueueFull:
                 subscriber.dropped += 1
-                self.dropped += 1
+                self.metrics.feed_dropped.inc()
 
-    def announced(self, payload: str) -> None:
-        """A transaction committed rows ("v:1,2,3" or "a:7"): fetch and publish them, if
-        anyone is listening here."""
-        if not self.subscribers:
-            return
-        code, _, raw_ids = payload.partition(":")
-        ids = [int(i) for i in raw_ids.split(",") if i.isdigit()]
-        if code in KINDS and ids:
-            task = asyncio.get_running_loop().create_task(self._fetch(KINDS[code], ids))
+    def announced(self, kind: str, raw_ids: list[str]) -> None:
+        """A transaction committed these rows: fetch and publish them, if anyone is
+        listening here."""
+        ids = [int(i) for i in raw_ids if i.isdigit()]
+        if self.subscribers and ids:
+            task = asyncio.get_running_loop().create_task(self._fetch(kind, ids))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     async def _fetch(self, kind: str, ids: list[int]) -> None:
         try:
             async with self.db.sessionmaker() as session:
-                if kind == "verification":
+                if kind == VERIFICATION:
                     rows = await session.scalars(
                         select(Verification).where(col(Verification.id).in_(ids))
                         .order_by(col(Verification.occurred_at), col(Verification.id))
@@ -94,45 +105,17 @@ class Feed:
             log.exception("could not load %s rows %s for the live feed", kind, ids[:5])
 
 
-def announce(session: Session, code: str, ids: list[int]) -> None:
-    """Queue ids for announcement when `session` commits (call inside the transaction)."""
-    session.info.setdefault("announce", []).append((code, ids))
+def feed_of(connection: HTTPConnection) -> Feed:
+    return connection.app.state.services.feed
 
 
-@event.listens_for(Session, "before_commit")
-def _notify_before_commit(session: Session) -> None:
-    audit_rows = session.info.pop("audit_rows", None)
-    if audit_rows:
-        session.flush()
-        announce(session, "a", [row.id for row in audit_rows])
-    pending = session.info.get("announce")
-    if not pending or session.bind is None or session.bind.dialect.name != "postgresql":
-        return
-    payloads = [
-        f"{code}:{','.join(map(str, ids[i : i + IDS_PER_NOTIFY]))}"
-        for code, ids in pending
-        for i in range(0, len(ids), IDS_PER_NOTIFY)
-    ]
-    session.info["announce"] = []
-    # One statement however many payloads; delivered to every LISTENer at commit.
-    session.execute(NOTIFY_MANY, {"channel": FEED_CHANNEL, "payloads": payloads})
-
-
-@event.listens_for(Session, "after_commit")
-def _publish_after_commit(session: Session) -> None:
-    pending = session.info.pop("announce", None)
-    feed: Feed | None = session.info.get("feed")
-    if pending and feed is not None:  # SQLite: this process is the only one
-        for code, ids in pending:
-            feed.announced(f"{code}:{','.join(map(str, ids))}")
-
-
-@event.listens_for(Session, "after_rollback")
-def _forget_after_rollback(session: Session) -> None:
-    session.info.pop("announce", None)
-    session.info.pop("audit_rows", None)
-
-
-def audit_rows(session: Any) -> list[Any]:
-    """Where `routes.audit` registers the rows it adds, for announcement at commit."""
-    return session.info.setdefault("audit_rows", [])
+async def subscription(connection: HTTPConnection) -> AsyncIterator[Subscriber]:
+    """A place in the feed for the request's whole stream (503 when the feed is full)."""
+    feed = feed_of(connection)
+    subscriber = feed.subscribe()
+    if subscriber is None:
+        raise HTTPException(503, "too many live-feed subscribers", headers={"Retry-After": "30"})
+    try:
+        yield subscriber
+    finally:
+        feed.unsubscribe(subscriber)

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, delete, func, literal_column, select
+from sqlalchemy import ColumnElement, case, delete, func, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+from sqlmodel import select as select_rows
 
 from analytics import update_rollups
-from db import bulk_insert
-from feed import announce
+from db import VERIFICATION, announce, bulk_insert
 from models import (
     Member,
     MemberStatus,
@@ -109,7 +110,7 @@ async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> dic
     new = [e for e in ordered if e.event_id in inserted]
     await upsert_members(session, member_deltas(new), received_at)
     await update_rollups(session, new)
-    announce(session.sync_session, "v", sorted(inserted.values()))
+    announce(session, VERIFICATION, sorted(inserted.values()))
     return inserted
 
 
@@ -192,3 +193,34 @@ async def recount_members(session: AsyncSession, chat_id: int) -> None:
     ).one()
     if verified or restricted:
         await add_member_counts(session, {chat_id: [verified, restricted]})
+
+
+async def move_members(session: AsyncSession, old: int, new: int) -> None:
+    """Re-key a group's member states to its new chat id (a migration to a supergroup);
+    where the new chat already has a state (the bot reported events for the supergroup
+    before migrating), the two are merged: checks add up, the later times win."""
+    new_states = {
+        m.user_id: m
+        for m in await session.scalars(select_rows(Member).where(Member.chat_id == new))
+    }
+    if new_states:
+        clashing = await session.scalars(
+            select_rows(Member).where(Member.chat_id == old, col(Member.user_id).in_(new_states))
+        )
+        for old_state in clashing:
+            target = new_states[old_state.user_id]
+            target.checks += old_state.checks
+            target.verified_at = latest(target.verified_at, old_state.verified_at)
+            target.restricted_at = latest(target.restricted_at, old_state.restricted_at)
+            target.status = local_status(
+                MemberDelta(target.verified_at, target.restricted_at, target.checks)
+            )
+            await session.delete(old_state)
+        await session.flush()
+    await session.execute(update(MEMBERS).where(MEMBERS.c.chat_id == old).values(chat_id=new))
+    for chat_id in (old, new):
+        await recount_members(session, chat_id)
+
+
+def latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None or (b is not None and b > a) else a

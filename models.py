@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Self
 
 from annotated_types import Interval, Len
+from fastapi.exceptions import RequestValidationError
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -57,6 +58,10 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    @property
+    def python_type(self) -> type[datetime]:
+        return datetime
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:
@@ -160,18 +165,6 @@ WarningTtl = Annotated[int, Interval(ge=0, le=86_400)]
 RecheckSeconds = Annotated[int, Interval(ge=60, le=604_800)]
 ExemptUserIds = Annotated[list[UserId], Len(max_length=500), AfterValidator(_distinct)]
 
-SETTING_FIELDS = (
-    "mode",
-    "action",
-    "mute_seconds",
-    "warning_text",
-    "warning_ttl_seconds",
-    "check_on_join",
-    "on_error",
-    "exempt_user_ids",
-    "recheck_seconds",
-)
-
 
 def no_nul(value: object) -> object:
     """PostgreSQL text and JSON cannot hold NUL characters: refuse them at the door."""
@@ -187,7 +180,26 @@ def no_nul(value: object) -> object:
     return value
 
 
-class Request(SQLModel):
+def error_entry(loc: tuple[str | int, ...], msg: str, kind: str = "value_error") -> dict[str, Any]:
+    """One entry of a 422's `errors`, shaped like pydantic's."""
+    return {"loc": loc, "msg": msg, "type": kind}
+
+
+def invalid(
+    loc: tuple[str | int, ...], msg: str, kind: str = "value_error"
+) -> RequestValidationError:
+    """A 422 for one input that its type alone cannot refuse, rendered like any other."""
+    return RequestValidationError([error_entry(loc, msg, kind)])
+
+
+def aware(value: datetime | None, name: str) -> datetime | None:
+    """A query time as given, refusing one without a time zone (it would mean any zone)."""
+    if value is not None and value.tzinfo is None:
+        raise invalid(("query", name), "needs a time zone, e.g. 2026-11-26T10:00:00Z")
+    return value
+
+
+class RequestBody(SQLModel):
     """Base of every request body: unknown fields are a 422, NUL characters too."""
 
     model_config = ConfigDict(extra="forbid")  # pyrefly: ignore[bad-override]
@@ -210,6 +222,26 @@ class GroupSettings(SQLModel):
     recheck_seconds: RecheckSeconds = 600
 
 
+SETTING_FIELDS = tuple(GroupSettings.model_fields)
+
+
+# ---------------------------------------------------------------- shared columns
+
+
+class Stamped(SQLModel):
+    """Columns of the editable rows (groups, channels, staff): a surrogate key and times."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class Versioned(Stamped):
+    """A row the API versions: `version` is bumped on every change and sent as its ETag."""
+
+    version: int = 1
+
+
 # ---------------------------------------------------------------- groups
 
 
@@ -220,22 +252,18 @@ class GroupBase(GroupSettings):
     is_active: bool = True
 
 
-class Group(GroupBase, table=True):
+class Group(GroupBase, Versioned, table=True):
     __tablename__ = "groups"  # pyrefly: ignore[bad-override]
 
-    id: int | None = Field(default=None, primary_key=True)
     member_count: Count | None = None
     added_by_user_id: int | None = Field(default=None, sa_type=BigInteger)
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
-    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    version: int = 1
 
 
-class GroupCreate(GroupBase, Request):
+class GroupCreate(GroupBase, RequestBody):
     pass
 
 
-class GroupUpdate(Request):
+class GroupUpdate(RequestBody):
     title: Title | None = None
     username: Username | None = None
     is_active: bool | None = None
@@ -310,21 +338,17 @@ class ChannelBase(SQLModel):
     invite_link: InviteLink | None = Field(default=None, sa_type=String(255))
 
 
-class Channel(ChannelBase, table=True):
+class Channel(ChannelBase, Versioned, table=True):
     __tablename__ = "channels"  # pyrefly: ignore[bad-override]
 
-    id: int | None = Field(default=None, primary_key=True)
     subscriber_count: Count | None = None
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, index=True)
-    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    version: int = 1
 
 
-class ChannelCreate(ChannelBase, Request):
+class ChannelCreate(ChannelBase, RequestBody):
     pass
 
 
-class ChannelUpdate(Request):
+class ChannelUpdate(RequestBody):
     title: Title | None = None
     username: Username | None = None
     invite_link: InviteLink | None = None
@@ -386,18 +410,15 @@ Email = Annotated[
 ]
 
 
-class Staff(SQLModel, table=True):
+class Staff(Stamped, table=True):
     __tablename__ = "staff"  # pyrefly: ignore[bad-override]
 
-    id: int | None = Field(default=None, primary_key=True)
     user_id: uuid.UUID = Field(unique=True)
     email: str | None = Field(default=None, sa_type=String(320))
     role: Role = Field(sa_type=String(8))
-    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
-class StaffPut(Request):
+class StaffPut(RequestBody):
     email: Email | None = None
     role: Role
 
@@ -408,6 +429,20 @@ class StaffPublic(SQLModel):
     role: Role
     created_at: datetime | None
     source: Literal["database", "environment"]
+
+    @classmethod
+    def from_row(cls, row: Any, env_owners: set[str]) -> Self:
+        """A staff member as listed, from a `Staff` row or a row of the staff listing (which
+        has the same columns); an owner through OWNER_USER_IDS is an owner whatever the
+        row says."""
+        from_env = str(row.user_id) in env_owners
+        return cls(
+            user_id=row.user_id,
+            email=row.email,
+            role="owner" if from_env else row.role,
+            created_at=row.created_at,
+            source="environment" if from_env else "database",
+        )
 
 
 class Me(SQLModel):
@@ -434,7 +469,7 @@ class BotKey(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
-class BotKeyCreate(Request):
+class BotKeyCreate(RequestBody):
     name: KeyName
 
 
@@ -586,7 +621,7 @@ class Verification(SQLModel, table=True):
 
 
 class FastRequest(BaseModel):
-    """Like `Request`, but plain Pydantic: validated entirely in Rust. For bodies of up to
+    """Like `RequestBody`, but plain Pydantic: validated entirely in Rust. For bodies of up to
     thousands of items on the bot's hot paths, where SQLModel's per-object init costs."""
 
     model_config = ConfigDict(extra="forbid")
@@ -632,7 +667,7 @@ class VerificationBatch(FastRequest):
 
 
 def rule_error(index: int, field: str, message: str) -> dict[str, Any]:
-    return {"loc": ("body", "events", index, field), "msg": message, "type": "value_error"}
+    return error_entry(("body", "events", index, field), message)
 
 
 class IngestResult(SQLModel):
@@ -655,21 +690,21 @@ class VerificationPublic(SQLModel):
     received_at: datetime
 
 
-class BotGroupPut(Request):
+class BotGroupPut(RequestBody):
     title: Title
     username: Username | None = None
     member_count: Count | None = None
     added_by_user_id: UserId | None = None
 
 
-class BotChannelPut(Request):
+class BotChannelPut(RequestBody):
     title: Title
     username: Username | None = None
     invite_link: InviteLink | None = None
     subscriber_count: Count | None = None
 
 
-class GroupMigrate(Request):
+class GroupMigrate(RequestBody):
     new_chat_id: GroupChatId
 
 
@@ -684,7 +719,7 @@ class ChatRefList(SQLModel):
 StatName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
-class Heartbeat(Request):
+class Heartbeat(RequestBody):
     instance_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
     version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     started_at: AwareDatetime

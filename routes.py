@@ -1,46 +1,62 @@
-"""Every endpoint: routers `dashboard` (Supabase staff), `bot` (bot keys) and `service`."""
+"""Every endpoint, in API.md's order, on four routers declared together below. Each router
+authenticates by default, so a new route is protected without anyone remembering to ask.
 
-import asyncio
-import base64
-import binascii
+Routes commit; the helpers here and elsewhere only flush.
+"""
+
 import csv
 import io
-import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
-from sqlalchemy import ColumnElement, delete, func, or_, select, text, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    text,
+    union_all,
+    update,
+)
+from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import col
+from sqlmodel import col, select
 
 import analytics
-from analytics import Window, floor_day, floor_hour
+import policy
+from analytics import Window
 from auth import (
     BotCaller,
     CurrentStaff,
     Editor,
     Owner,
     Principal,
-    authenticate_bot,
-    hash_key,
-    new_bot_key,
+    auth_state,
+    bot_caller,
+    current_staff,
+    feed_staff,
+    issue_bot_key,
+    snapshot,
 )
-from db import POLICY_CHANNEL, Database, SessionDep, notify, upsert
-from feed import Feed, audit_rows
-from ingest import MemberDelta, ingest, local_status, recount_members
+from db import INT64, Keyset, PageQuery, SessionDep, count, database, paginate, upsert
+from feed import Subscriber, subscription
+from ingest import ingest, move_members, recount_members
+from metrics import metrics_of
 from models import (
     LATENCY_COLUMNS,
     MAX_CHANNELS_PER_GROUP,
-    SETTING_FIELDS,
     AnalyticsSummary,
     AuditLog,
     AuditPublic,
@@ -58,7 +74,6 @@ from models import (
     ChannelChatId,
     ChannelCreate,
     ChannelPublic,
-    ChannelRef,
     ChannelSummary,
     ChannelUpdate,
     ChatRef,
@@ -90,32 +105,39 @@ from models import (
     TopGroup,
     TopGroups,
     UserId,
+    UTCDateTime,
     Verification,
     VerificationBatch,
     VerificationPublic,
-    member_counts,
+    aware,
+    invalid,
     utcnow,
 )
 
-INT64 = 2**63 - 1
+dashboard = APIRouter(prefix="/api/v1", dependencies=[Depends(current_staff)])
+# The live feed: staff too, but its token may come as ?access_token= (EventSource sends no
+# headers), so it has a router of its own.
+live = APIRouter(prefix="/api/v1", dependencies=[Depends(feed_staff)])
+bot = APIRouter(prefix="/api/v1/bot", tags=["bot"], dependencies=[Depends(bot_caller)])
+service = APIRouter(tags=["service"])
+
 ChatIdPath = Annotated[int, Path(ge=-INT64, le=INT64)]
 ChannelIdPath = Annotated[int, Path(ge=-INT64, le=INT64)]
-Limit = Annotated[int, Query(ge=1, le=200)]
-Cursor = Annotated[str | None, Query(max_length=512)]
-Search = Annotated[str | None, Query(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
-CHAT_ID_RE = re.compile(r"-?[0-9]{1,19}")
-Since = Annotated[datetime | None, Query()]
-Until = Annotated[datetime | None, Query()]
-
-dashboard = APIRouter(prefix="/api/v1")
-HEARTBEAT_SECONDS = 30
-DEFAULT_RECHECK_SECONDS = 600
 NewGroupIdPath = Annotated[GroupChatId, Path()]
 NewChannelIdPath = Annotated[ChannelChatId, Path()]
-service = APIRouter()
+Search = Annotated[str | None, Query(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
+Since = Annotated[datetime | None, Query()]
+Until = Annotated[datetime | None, Query()]
+# Filters follow the Telegram id rules too (422 for a service account or a positive group id).
+GroupQuery = Annotated[GroupChatId | None, Query()]
+IfMatch = Annotated[str | None, Header(alias="If-Match")]
+PoliciesDep = Annotated[policy.Policies, Depends(policy.policies)]
+CHAT_ID_RE = re.compile(r"-?[0-9]{1,19}")
+HEARTBEAT_SECONDS = 30
+DEFAULT_RECHECK_SECONDS = 600
 
 
-# ---------------------------------------------------------------- shared helpers
+# ---------------------------------------------------------------- helpers of the endpoints
 
 
 def not_found(what: str) -> HTTPException:
@@ -124,58 +146,6 @@ def not_found(what: str) -> HTTPException:
 
 def conflict(detail: str) -> HTTPException:
     return HTTPException(409, detail)
-
-
-def invalid_query(name: str, msg: str) -> RequestValidationError:
-    return RequestValidationError([{"loc": ("query", name), "msg": msg, "type": "value_error"}])
-
-
-def aware(value: datetime | None, name: str) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        raise invalid_query(name, "needs a time zone, e.g. 2026-11-26T10:00:00Z")
-    return value
-
-
-def encode_cursor(sort: str, values: Sequence[Any]) -> str:
-    raw = json.dumps([sort, *[v.isoformat() if isinstance(v, datetime) else v for v in values]])
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str, sort: str, kinds: Sequence[type]) -> list[Any]:
-    """Parse a cursor made by `encode_cursor` for `sort`; anything else is a 422."""
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(raw, list) or len(raw) != len(kinds) + 1 or raw[0] != sort:
-            raise ValueError
-        values: list[Any] = []
-        for kind, value in zip(kinds, raw[1:], strict=True):
-            if kind is datetime:
-                parsed = datetime.fromisoformat(value)
-                if parsed.tzinfo is None:
-                    raise ValueError
-                values.append(parsed.astimezone(UTC))
-            elif cursor_scalar_ok(kind, value):
-                values.append(value)
-            else:
-                raise ValueError
-        return values
-    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
-        raise invalid_query("cursor", "malformed cursor; use next_cursor as returned") from None
-
-
-def cursor_scalar_ok(kind: type, value: object) -> bool:
-    if kind is int:
-        return type(value) is int and -INT64 <= value <= INT64
-    return kind is str and isinstance(value, str) and "\x00" not in value
-
-
-def keyset(columns: Sequence[Any], values: Sequence[Any], descending: bool) -> ColumnElement[bool]:
-    row = tuple_(*columns)
-    return row < tuple_(*values) if descending else row > tuple_(*values)
-
-
-def order(columns: Sequence[Any], descending: bool) -> list[Any]:
-    return [c.desc() if descending else c.asc() for c in columns]
 
 
 def if_match(header: str | None, version: int) -> None:
@@ -191,86 +161,32 @@ def etag(response: Response, version: int) -> None:
     response.headers["ETag"] = f'"{version}"'
 
 
-def snapshot(row: Any, exclude: set[str] | None = None) -> dict[str, Any]:
-    return row.model_dump(mode="json", exclude={"id", *(exclude or set())})
-
-
-def audit(
-    session: AsyncSession,
-    actor: Principal,
-    action: str,
-    resource: str,
-    resource_id: object,
-    before: dict[str, Any] | None = None,
-    after: dict[str, Any] | None = None,
-) -> None:
-    row = AuditLog(
-        actor_kind="bot" if actor.kind == "bot" else "staff",
-        actor_id=actor.id,
-        actor_name=actor.name,
-        action=action,
-        resource=resource,
-        resource_id=str(resource_id),
-        before=before,
-        after=after,
-        request_id=actor.request_id,
-    )
-    session.add(row)
-    audit_rows(session).append(row)  # announced on the live feed at commit
-
-
-class PolicyCache:
-    """chat id -> (serialized policy, ETag), or None for "no such group". Entries are dropped
-    after every committed change to a group, its links or a linked channel (here at once, on
-    other replicas through NOTIFY); the generation counter keeps a read that raced a change
-    from caching what it read."""
-
-    def __init__(self) -> None:
-        self.entries: dict[int, tuple[bytes, str] | None] = {}
-        self.generation = 0
-
-    def invalidate(self, *chat_ids: int) -> None:
-        self.generation += 1
-        for chat_id in chat_ids:
-            self.entries.pop(chat_id, None)
-
-    def clear(self) -> None:
-        self.generation += 1
-        self.entries.clear()
-
-    def put(self, chat_id: int, entry: tuple[bytes, str] | None, generation: int) -> None:
-        if generation == self.generation:
-            if len(self.entries) >= 100_000:
-                self.entries.clear()
-            self.entries[chat_id] = entry
-
-
-def policy_cache(request: Request) -> PolicyCache:
-    return request.app.state.policies
-
-
-async def commit_policy_change(
-    session: AsyncSession, policies: PolicyCache, *chat_ids: int
-) -> None:
-    """Commit a change to the policies of these groups and drop them from every cache."""
-    if chat_ids:
-        await notify(session, POLICY_CHANNEL, ",".join(map(str, chat_ids)))
-    await session.commit()
-    policies.invalidate(*chat_ids)
-
-
-PolicyCacheDep = Annotated[PolicyCache, Depends(policy_cache)]
-
-
-# ---------------------------------------------------------------- groups
+def search(model: type[Group] | type[Channel], q: str) -> ColumnElement[bool]:
+    """`q` as API.md has it: a case-insensitive substring of the title or the username (`%`
+    and `_` literal), or exactly a chat id."""
+    match = [
+        col(model.title).icontains(q, autoescape=True),
+        col(model.username).icontains(q.removeprefix("@"), autoescape=True),
+    ]
+    if CHAT_ID_RE.fullmatch(q) and abs(int(q)) <= INT64:
+        match.append(col(model.chat_id) == int(q))
+    return or_(*match)
 
 
 async def load_group(session: AsyncSession, chat_id: int, *, lock: bool = False) -> Group:
-    stmt = select(Group).where(col(Group.chat_id) == chat_id)
-    group = await session.scalar(stmt.with_for_update() if lock else stmt)
+    statement = select(Group).where(Group.chat_id == chat_id)
+    group = await session.scalar(statement.with_for_update() if lock else statement)
     if group is None:
         raise not_found(f"group {chat_id}")
     return group
+
+
+async def load_channel(session: AsyncSession, chat_id: int, *, lock: bool = False) -> Channel:
+    statement = select(Channel).where(Channel.chat_id == chat_id)
+    channel = await session.scalar(statement.with_for_update() if lock else statement)
+    if channel is None:
+        raise not_found(f"channel {chat_id}")
+    return channel
 
 
 async def group_dep(chat_id: ChatIdPath, session: SessionDep) -> Group:
@@ -280,24 +196,9 @@ async def group_dep(chat_id: ChatIdPath, session: SessionDep) -> Group:
 GroupDep = Annotated[Group, Depends(group_dep)]
 
 
-def channel_count_column() -> Any:
-    return (
-        select(func.count())
-        .where(col(GroupChannel.group_id) == col(Group.id))
-        .correlate(Group)
-        .scalar_subquery()
-        .label("channel_count")
-    )
-
-
-async def linked_channels(session: AsyncSession, group_id: int) -> list[ChannelRef]:
-    rows = await session.scalars(
-        select(Channel)
-        .join(GroupChannel, col(GroupChannel.channel_id) == col(Channel.id))
-        .where(col(GroupChannel.group_id) == group_id)
-        .order_by(col(GroupChannel.position))
-    )
-    return [ChannelRef.model_validate(c, from_attributes=True) for c in rows]
+def link_count(model: type[Group] | type[Channel], link: Any) -> Any:
+    """A correlated count of a row's links (a group's channels, a channel's groups)."""
+    return select(func.count()).where(link == model.id).correlate(model).scalar_subquery()
 
 
 async def group_stats(session: AsyncSession, chat_id: int) -> GroupStats:
@@ -306,14 +207,14 @@ async def group_stats(session: AsyncSession, chat_id: int) -> GroupStats:
             select(
                 func.count().filter(col(Member.status) == "verified"),
                 func.count().filter(col(Member.status) == "restricted"),
-            ).where(col(Member.chat_id) == chat_id)
+            ).where(Member.chat_id == chat_id)
         )
     ).one()
     checks = (
         await session.execute(
             select(func.count(), func.count().filter(col(Verification.result) == "passed")).where(
-                col(Verification.chat_id) == chat_id,
-                col(Verification.occurred_at) >= utcnow() - timedelta(hours=24),
+                Verification.chat_id == chat_id,
+                Verification.occurred_at >= utcnow() - timedelta(hours=24),
             )
         )
     ).one()
@@ -321,13 +222,13 @@ async def group_stats(session: AsyncSession, chat_id: int) -> GroupStats:
         verified_members=members[0],
         restricted_members=members[1],
         checks_24h=checks[0],
-        pass_rate_24h=checks[1] / checks[0] if checks[0] else None,
+        pass_rate_24h=analytics.rate(checks[1], checks[0]),
     )
 
 
 async def group_public(session: AsyncSession, group: Group) -> GroupPublic:
     assert group.id is not None
-    channels = await linked_channels(session, group.id)
+    channels = await policy.linked_channels(session, group.id)
     return GroupPublic.model_validate(
         {
             **group.model_dump(),
@@ -338,9 +239,56 @@ async def group_public(session: AsyncSession, group: Group) -> GroupPublic:
     )
 
 
+async def channel_public(session: AsyncSession, channel: Channel) -> ChannelPublic:
+    groups = (
+        await session.execute(
+            select(Group.chat_id, Group.title)
+            .join(GroupChannel, col(GroupChannel.group_id) == Group.id)
+            .where(GroupChannel.channel_id == channel.id)
+            .order_by(col(Group.chat_id))
+        )
+    ).all()
+    return ChannelPublic.model_validate(
+        {
+            **channel.model_dump(),
+            "group_count": len(groups),
+            "groups": [GroupRef(chat_id=g.chat_id, title=g.title) for g in groups],
+        }
+    )
+
+
+async def apply_changes(
+    session: AsyncSession, actor: Principal, row: Group | Channel, changes: dict[str, Any]
+) -> bool:
+    """Set the fields that differ, bump the version, audit; False when nothing differs (then
+    no new version and no audit row)."""
+    changes = {k: v for k, v in changes.items() if getattr(row, k) != v}
+    if not changes:
+        return False
+    before = snapshot(row)
+    for field, value in changes.items():
+        setattr(row, field, value)
+    row.version += 1
+    row.updated_at = utcnow()
+    resource = "group" if isinstance(row, Group) else "channel"
+    await actor.audit(session, f"{resource}.update", resource, row.chat_id, before, snapshot(row))
+    if isinstance(row, Group):
+        policy.changed(session, row.chat_id)
+    return True
+
+
+async def update_channel_row(
+    session: AsyncSession, actor: Principal, channel: Channel, changes: dict[str, Any]
+) -> None:
+    """Change a channel; every group requiring it has a new policy version then."""
+    if await apply_changes(session, actor, channel, changes):
+        assert channel.id is not None
+        policy.changed(session, *await bump_groups_linked_to(session, channel.id))
+
+
 async def bump_groups_linked_to(session: AsyncSession, channel_id: int) -> list[int]:
     """A linked channel changed, so the policy of every group requiring it changed."""
-    linked = select(col(GroupChannel.group_id)).where(col(GroupChannel.channel_id) == channel_id)
+    linked = select(GroupChannel.group_id).where(GroupChannel.channel_id == channel_id)
     result = await session.execute(
         update(Group)
         .where(col(Group.id).in_(linked))
@@ -350,59 +298,112 @@ async def bump_groups_linked_to(session: AsyncSession, channel_id: int) -> list[
     return list(result.scalars())
 
 
+async def link_channel(
+    session: AsyncSession, actor: Principal, chat_id: int, channel_chat_id: int
+) -> tuple[Group, bool]:
+    """Require a channel in a group; (group, False) when it already was."""
+    group = await load_group(session, chat_id, lock=True)  # serializes links per group
+    channel = await load_channel(session, channel_chat_id)
+    assert group.id is not None and channel.id is not None
+    links = await session.execute(
+        select(GroupChannel.channel_id, GroupChannel.position).where(
+            GroupChannel.group_id == group.id
+        )
+    )
+    positions = {channel_id: position for channel_id, position in links}
+    if channel.id in positions:
+        return group, False
+    if len(positions) >= MAX_CHANNELS_PER_GROUP:
+        raise conflict(f"a group can require at most {MAX_CHANNELS_PER_GROUP} channels")
+    position = max(positions.values(), default=-1) + 1
+    session.add(GroupChannel(group_id=group.id, channel_id=channel.id, position=position))
+    group.version += 1
+    group.updated_at = utcnow()
+    try:
+        await session.flush()
+    except IntegrityError:  # the channel was deleted while this link was being made
+        await session.rollback()
+        raise not_found(f"channel {channel_chat_id}") from None
+    after = {"channel_id": channel_chat_id, "position": position}
+    await actor.audit(session, "group.link_channel", "group", chat_id, after=after)
+    policy.changed(session, chat_id)
+    return group, True
+
+
+async def unlink_channel(
+    session: AsyncSession, actor: Principal, chat_id: int, channel_chat_id: int
+) -> None:
+    group = await load_group(session, chat_id, lock=True)
+    channel_id = select(Channel.id).where(Channel.chat_id == channel_chat_id).scalar_subquery()
+    result = await session.execute(
+        delete(GroupChannel).where(
+            col(GroupChannel.group_id) == group.id, col(GroupChannel.channel_id) == channel_id
+        )
+    )
+    if not result.rowcount:  # pyrefly: ignore[missing-attribute]
+        raise not_found(f"channel {channel_chat_id} linked to group {chat_id}")
+    group.version += 1
+    group.updated_at = utcnow()
+    before = {"channel_id": channel_chat_id}
+    await actor.audit(session, "group.unlink_channel", "group", chat_id, before=before)
+    policy.changed(session, chat_id)
+
+
+async def titles_of(session: AsyncSession, model: Any, chat_ids: list[int]) -> dict[int, str]:
+    """Current titles; a group or channel deleted since has none (its numbers stay)."""
+    if not chat_ids:
+        return {}
+    rows = await session.execute(
+        select(model.chat_id, model.title).where(model.chat_id.in_(chat_ids))
+    )
+    return {chat_id: title for chat_id, title in rows}
+
+
+# ---------------------------------------------------------------- me
+
+
+@dashboard.get("/me", response_model=Me, tags=["staff"])
+async def read_me(staff: CurrentStaff) -> Me:
+    """Who the token belongs to, and their role."""
+    assert staff.role is not None
+    return Me(user_id=uuid.UUID(staff.id), email=staff.name, role=staff.role, aal=staff.aal)
+
+
+# ---------------------------------------------------------------- groups
+
 GroupSort = Literal["title", "-title", "created_at", "-created_at"]
+GROUP_ORDERS = {
+    sort: Keyset(sort, (col(Group.title if "title" in sort else Group.created_at), col(Group.id)),
+                 descending=sort.startswith("-"))
+    for sort in ("title", "-title", "created_at", "-created_at")
+}  # fmt: skip
 
 
 @dashboard.get("/groups", response_model=CountedPage[GroupSummary], tags=["groups"])
 async def list_groups(
     session: SessionDep,
-    _: CurrentStaff,
+    page: PageQuery,
     q: Search = None,
     active: bool | None = None,
     sort: GroupSort = "-created_at",
-    limit: Limit = 50,
-    cursor: Cursor = None,
 ) -> CountedPage[GroupSummary]:
     """List protected groups."""
-    filters: list[ColumnElement[bool]] = []
+    statement = select(Group, link_count(Group, GroupChannel.group_id))
     if q is not None:
-        match = [col(Group.title).icontains(q, autoescape=True)]
-        match.append(col(Group.username).icontains(q.removeprefix("@"), autoescape=True))
-        if CHAT_ID_RE.fullmatch(q) and abs(int(q)) <= INT64:
-            match.append(col(Group.chat_id) == int(q))
-        filters.append(or_(*match))
+        statement = statement.where(search(Group, q))
     if active is not None:
-        filters.append(col(Group.is_active) == active)
-    total = await session.scalar(select(func.count()).select_from(Group).where(*filters))
-    key_column: Any = col(Group.title) if sort.endswith("title") else col(Group.created_at)
-    descending = sort.startswith("-")
-    columns = [key_column, col(Group.id)]
-    stmt = select(Group, channel_count_column()).where(*filters)
-    if cursor:
-        kind = str if sort.endswith("title") else datetime
-        stmt = stmt.where(keyset(columns, decode_cursor(cursor, sort, [kind, int]), descending))
-    rows = (
-        await session.execute(stmt.order_by(*order(columns, descending)).limit(limit + 1))
-    ).all()
+        statement = statement.where(Group.is_active == active)
+    total = await count(session, statement)
+    rows, next_cursor = await paginate(session, statement, GROUP_ORDERS[sort], page)
     items = [
-        GroupSummary.model_validate({**group.model_dump(), "channel_count": count})
-        for group, count in rows[:limit]
+        GroupSummary.model_validate({**group.model_dump(), "channel_count": n}) for group, n in rows
     ]
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1][0]
-        key = last.title if sort.endswith("title") else last.created_at
-        next_cursor = encode_cursor(sort, [key, last.id])
-    return CountedPage[GroupSummary](items=items, next_cursor=next_cursor, total=total or 0)
+    return CountedPage[GroupSummary](items=items, next_cursor=next_cursor, total=total)
 
 
 @dashboard.post("/groups", response_model=GroupPublic, status_code=201, tags=["groups"])
 async def create_group(
-    body: GroupCreate,
-    session: SessionDep,
-    actor: Editor,
-    response: Response,
-    policies: PolicyCacheDep,
+    body: GroupCreate, session: SessionDep, actor: Editor, response: Response
 ) -> GroupPublic:
     """Protect a group."""
     group = Group.model_validate(body)
@@ -411,16 +412,15 @@ async def create_group(
         await session.flush()
     except IntegrityError:
         raise conflict(f"group {body.chat_id} already exists") from None
-    audit(session, actor, "group.create", "group", group.chat_id, after=snapshot(group))
-    await commit_policy_change(session, policies, group.chat_id)
+    await actor.audit(session, "group.create", "group", group.chat_id, after=snapshot(group))
+    policy.changed(session, group.chat_id)
+    await session.commit()
     etag(response, group.version)
     return await group_public(session, group)
 
 
 @dashboard.get("/groups/{chat_id}", response_model=GroupPublic, tags=["groups"])
-async def read_group(
-    _: CurrentStaff, group: GroupDep, session: SessionDep, response: Response
-) -> GroupPublic:
+async def read_group(group: GroupDep, session: SessionDep, response: Response) -> GroupPublic:
     """One group with its settings, required channels and member stats."""
     etag(response, group.version)
     return await group_public(session, group)
@@ -433,22 +433,19 @@ async def update_group(
     session: SessionDep,
     actor: Editor,
     response: Response,
-    policies: PolicyCacheDep,
-    if_match_header: Annotated[str | None, Header(alias="If-Match")] = None,
+    if_match_header: IfMatch = None,
 ) -> GroupPublic:
     """Change a group's title, state or settings."""
     group = await load_group(session, chat_id, lock=True)
     if_match(if_match_header, group.version)
-    if apply_changes(session, actor, group, body.model_dump(exclude_unset=True), "group"):
-        await commit_policy_change(session, policies, chat_id)
+    await apply_changes(session, actor, group, body.model_dump(exclude_unset=True))
+    await session.commit()
     etag(response, group.version)
     return await group_public(session, group)
 
 
 @dashboard.delete("/groups/{chat_id}", status_code=204, tags=["groups"])
-async def delete_group(
-    chat_id: ChatIdPath, session: SessionDep, actor: Editor, policies: PolicyCacheDep
-) -> None:
+async def delete_group(chat_id: ChatIdPath, session: SessionDep, actor: Editor) -> None:
     """Stop protecting a group; its verification history stays."""
     group = await load_group(session, chat_id, lock=True)
     before = snapshot(group)
@@ -456,85 +453,9 @@ async def delete_group(
     await session.execute(delete(Member).where(col(Member.chat_id) == chat_id))
     await recount_members(session, chat_id)
     await session.delete(group)
-    audit(session, actor, "group.delete", "group", chat_id, before=before)
-    await commit_policy_change(session, policies, chat_id)
-
-
-async def link_channel(
-    session: AsyncSession,
-    policies: PolicyCache,
-    actor: Principal,
-    chat_id: int,
-    channel_chat_id: int,
-) -> tuple[Group, bool]:
-    """Require a channel in a group; returns (group, created). Commits."""
-    group = await load_group(session, chat_id, lock=True)  # serializes links per group
-    channel = await session.scalar(select(Channel).where(col(Channel.chat_id) == channel_chat_id))
-    if channel is None:
-        raise not_found(f"channel {channel_chat_id}")
-    positions = list(
-        await session.scalars(
-            select(col(GroupChannel.channel_id)).where(col(GroupChannel.group_id) == group.id)
-        )
-    )
-    if channel.id in positions:
-        return group, False
-    if len(positions) >= MAX_CHANNELS_PER_GROUP:
-        raise conflict(f"a group can require at most {MAX_CHANNELS_PER_GROUP} channels")
-    position = await session.scalar(
-        select(func.coalesce(func.max(col(GroupChannel.position)), -1) + 1).where(
-            col(GroupChannel.group_id) == group.id
-        )
-    )
-    assert group.id is not None and channel.id is not None
-    session.add(GroupChannel(group_id=group.id, channel_id=channel.id, position=position or 0))
-    group.version += 1
-    group.updated_at = utcnow()
-    audit(
-        session,
-        actor,
-        "group.link_channel",
-        "group",
-        chat_id,
-        after={"channel_id": channel_chat_id, "position": position},
-    )
-    try:
-        await commit_policy_change(session, policies, chat_id)
-    except IntegrityError:
-        await session.rollback()  # linked concurrently by someone else: same end state
-        return await load_group(session, chat_id), False
-    return group, True
-
-
-async def unlink_channel(
-    session: AsyncSession,
-    policies: PolicyCache,
-    actor: Principal,
-    chat_id: int,
-    channel_chat_id: int,
-) -> None:
-    group = await load_group(session, chat_id, lock=True)
-    channel_id = (
-        select(col(Channel.id)).where(col(Channel.chat_id) == channel_chat_id).scalar_subquery()
-    )
-    result = await session.execute(
-        delete(GroupChannel).where(
-            col(GroupChannel.group_id) == group.id, col(GroupChannel.channel_id) == channel_id
-        )
-    )
-    if not result.rowcount:  # pyrefly: ignore[missing-attribute]
-        raise not_found(f"channel {channel_chat_id} linked to group {chat_id}")
-    group.version += 1
-    group.updated_at = utcnow()
-    audit(
-        session,
-        actor,
-        "group.unlink_channel",
-        "group",
-        chat_id,
-        before={"channel_id": channel_chat_id},
-    )
-    await commit_policy_change(session, policies, chat_id)
+    await actor.audit(session, "group.delete", "group", chat_id, before=before)
+    policy.changed(session, chat_id)
+    await session.commit()
 
 
 @dashboard.put(
@@ -549,10 +470,10 @@ async def link_group_channel(
     session: SessionDep,
     actor: Editor,
     response: Response,
-    policies: PolicyCacheDep,
 ) -> GroupPublic:
     """Require a channel in a group (idempotent: 201 when new, 200 when already linked)."""
-    group, created = await link_channel(session, policies, actor, chat_id, channel_id)
+    group, created = await link_channel(session, actor, chat_id, channel_id)
+    await session.commit()
     response.status_code = 201 if created else 200
     etag(response, group.version)
     return await group_public(session, group)
@@ -560,110 +481,52 @@ async def link_group_channel(
 
 @dashboard.delete("/groups/{chat_id}/channels/{channel_id}", status_code=204, tags=["groups"])
 async def unlink_group_channel(
-    chat_id: ChatIdPath,
-    channel_id: ChannelIdPath,
-    session: SessionDep,
-    actor: Editor,
-    policies: PolicyCacheDep,
+    chat_id: ChatIdPath, channel_id: ChannelIdPath, session: SessionDep, actor: Editor
 ) -> None:
     """Stop requiring a channel in a group."""
-    await unlink_channel(session, policies, actor, chat_id, channel_id)
+    await unlink_channel(session, actor, chat_id, channel_id)
+    await session.commit()
+
+
+MEMBER_ORDER = Keyset("user_id", (col(Member.user_id),))
 
 
 @dashboard.get("/groups/{chat_id}/members", response_model=Page[MemberPublic], tags=["groups"])
 async def list_members(
-    _: CurrentStaff,  # first: dependencies run in order, and nobody learns what exists
     group: GroupDep,
     session: SessionDep,
+    page: PageQuery,
     status: Literal["verified", "restricted"] | None = None,
-    limit: Limit = 50,
-    cursor: Cursor = None,
 ) -> Page[MemberPublic]:
     """Member verification states of a group, by user id."""
-    stmt = select(Member).where(col(Member.chat_id) == group.chat_id)
+    statement = select(Member).where(Member.chat_id == group.chat_id)
     if status is not None:
-        stmt = stmt.where(col(Member.status) == status)
-    if cursor:
-        (after,) = decode_cursor(cursor, "user_id", [int])
-        stmt = stmt.where(col(Member.user_id) > after)
-    rows = list(await session.scalars(stmt.order_by(col(Member.user_id)).limit(limit + 1)))
-    next_cursor = encode_cursor("user_id", [rows[limit - 1].user_id]) if len(rows) > limit else None
-    items = [MemberPublic.model_validate(m, from_attributes=True) for m in rows[:limit]]
+        statement = statement.where(Member.status == status)
+    rows, next_cursor = await paginate(session, statement, MEMBER_ORDER, page)
+    items = [MemberPublic.model_validate(m, from_attributes=True) for (m,) in rows]
     return Page[MemberPublic](items=items, next_cursor=next_cursor)
 
 
 # ---------------------------------------------------------------- channels
 
-
-async def load_channel(session: AsyncSession, chat_id: int, *, lock: bool = False) -> Channel:
-    stmt = select(Channel).where(col(Channel.chat_id) == chat_id)
-    channel = await session.scalar(stmt.with_for_update() if lock else stmt)
-    if channel is None:
-        raise not_found(f"channel {chat_id}")
-    return channel
-
-
-def group_count_column() -> Any:
-    return (
-        select(func.count())
-        .where(col(GroupChannel.channel_id) == col(Channel.id))
-        .correlate(Channel)
-        .scalar_subquery()
-        .label("group_count")
-    )
-
-
-async def channel_public(session: AsyncSession, channel: Channel) -> ChannelPublic:
-    groups = (
-        await session.execute(
-            select(col(Group.chat_id), col(Group.title))
-            .join(GroupChannel, col(GroupChannel.group_id) == col(Group.id))
-            .where(col(GroupChannel.channel_id) == channel.id)
-            .order_by(col(Group.chat_id))
-        )
-    ).all()
-    return ChannelPublic.model_validate(
-        {
-            **channel.model_dump(),
-            "group_count": len(groups),
-            "groups": [GroupRef(chat_id=g.chat_id, title=g.title) for g in groups],
-        }
-    )
+CHANNEL_ORDER = Keyset("-created_at", (col(Channel.created_at), col(Channel.id)), descending=True)
 
 
 @dashboard.get("/channels", response_model=CountedPage[ChannelSummary], tags=["channels"])
 async def list_channels(
-    session: SessionDep,
-    _: CurrentStaff,
-    q: Search = None,
-    limit: Limit = 50,
-    cursor: Cursor = None,
+    session: SessionDep, page: PageQuery, q: Search = None
 ) -> CountedPage[ChannelSummary]:
     """List channels, newest first."""
-    filters: list[ColumnElement[bool]] = []
+    statement = select(Channel, link_count(Channel, GroupChannel.channel_id))
     if q is not None:
-        match = [col(Channel.title).icontains(q, autoescape=True)]
-        match.append(col(Channel.username).icontains(q.removeprefix("@"), autoescape=True))
-        if CHAT_ID_RE.fullmatch(q) and abs(int(q)) <= INT64:
-            match.append(col(Channel.chat_id) == int(q))
-        filters.append(or_(*match))
-    total = await session.scalar(select(func.count()).select_from(Channel).where(*filters))
-    columns = [col(Channel.created_at), col(Channel.id)]
-    stmt = select(Channel, group_count_column()).where(*filters)
-    if cursor:
-        stmt = stmt.where(
-            keyset(columns, decode_cursor(cursor, "-created_at", [datetime, int]), True)
-        )
-    rows = (await session.execute(stmt.order_by(*order(columns, True)).limit(limit + 1))).all()
+        statement = statement.where(search(Channel, q))
+    total = await count(session, statement)
+    rows, next_cursor = await paginate(session, statement, CHANNEL_ORDER, page)
     items = [
-        ChannelSummary.model_validate({**channel.model_dump(), "group_count": count})
-        for channel, count in rows[:limit]
+        ChannelSummary.model_validate({**channel.model_dump(), "group_count": n})
+        for channel, n in rows
     ]
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1][0]
-        next_cursor = encode_cursor("-created_at", [last.created_at, last.id])
-    return CountedPage[ChannelSummary](items=items, next_cursor=next_cursor, total=total or 0)
+    return CountedPage[ChannelSummary](items=items, next_cursor=next_cursor, total=total)
 
 
 @dashboard.post("/channels", response_model=ChannelPublic, status_code=201, tags=["channels"])
@@ -677,7 +540,8 @@ async def create_channel(
         await session.flush()
     except IntegrityError:
         raise conflict(f"channel {body.chat_id} already exists") from None
-    audit(session, actor, "channel.create", "channel", channel.chat_id, after=snapshot(channel))
+    after = snapshot(channel)
+    await actor.audit(session, "channel.create", "channel", channel.chat_id, after=after)
     await session.commit()
     etag(response, channel.version)
     return await channel_public(session, channel)
@@ -685,43 +549,12 @@ async def create_channel(
 
 @dashboard.get("/channels/{chat_id}", response_model=ChannelPublic, tags=["channels"])
 async def read_channel(
-    chat_id: ChatIdPath, session: SessionDep, _: CurrentStaff, response: Response
+    chat_id: ChatIdPath, session: SessionDep, response: Response
 ) -> ChannelPublic:
     """One channel and the groups that require it."""
     channel = await load_channel(session, chat_id)
     etag(response, channel.version)
     return await channel_public(session, channel)
-
-
-def apply_changes(
-    session: AsyncSession,
-    actor: Principal,
-    row: Group | Channel,
-    changes: dict[str, Any],
-    resource: str,
-) -> bool:
-    """Set the fields that differ, bump the version, audit; False when nothing differs (then
-    no new version and no audit row)."""
-    changes = {k: v for k, v in changes.items() if getattr(row, k) != v}
-    if not changes:
-        return False
-    before = snapshot(row)
-    for field, value in changes.items():
-        setattr(row, field, value)
-    row.version += 1
-    row.updated_at = utcnow()
-    audit(session, actor, f"{resource}.update", resource, row.chat_id, before, snapshot(row))
-    return True
-
-
-async def apply_channel_changes(
-    session: AsyncSession, actor: Principal, channel: Channel, changes: dict[str, Any]
-) -> list[int]:
-    """Change a channel; returns the chat ids of the groups whose policy changed with it."""
-    if not apply_changes(session, actor, channel, changes, "channel"):
-        return []
-    assert channel.id is not None
-    return await bump_groups_linked_to(session, channel.id)
 
 
 @dashboard.patch("/channels/{chat_id}", response_model=ChannelPublic, tags=["channels"])
@@ -731,281 +564,45 @@ async def update_channel(
     session: SessionDep,
     actor: Editor,
     response: Response,
-    policies: PolicyCacheDep,
-    if_match_header: Annotated[str | None, Header(alias="If-Match")] = None,
+    if_match_header: IfMatch = None,
 ) -> ChannelPublic:
     """Change a channel's title, username or invite link."""
     channel = await load_channel(session, chat_id, lock=True)
     if_match(if_match_header, channel.version)
-    affected = await apply_channel_changes(
-        session, actor, channel, body.model_dump(exclude_unset=True)
-    )
-    await commit_policy_change(session, policies, *affected)
+    await update_channel_row(session, actor, channel, body.model_dump(exclude_unset=True))
+    await session.commit()
     etag(response, channel.version)
     return await channel_public(session, channel)
 
 
 @dashboard.delete("/channels/{chat_id}", status_code=204, tags=["channels"])
 async def delete_channel(
-    chat_id: ChatIdPath,
-    session: SessionDep,
-    actor: Editor,
-    policies: PolicyCacheDep,
-    force: bool = False,
+    chat_id: ChatIdPath, session: SessionDep, actor: Editor, force: bool = False
 ) -> None:
     """Forget a channel; 409 while groups require it, unless force=true unlinks it first."""
     channel = await load_channel(session, chat_id, lock=True)
     assert channel.id is not None
-    linked = await session.scalar(
-        select(func.count()).where(col(GroupChannel.channel_id) == channel.id)
-    )
+    linked = await session.scalar(select(func.count()).where(GroupChannel.channel_id == channel.id))
     if linked and not force:
         raise conflict(
             f"channel {chat_id} is required by {linked} group(s); "
             "unlink it first or pass force=true"
         )
     affected = await bump_groups_linked_to(session, channel.id)
-    before = snapshot(channel)
+    before = {**snapshot(channel), "unlinked_from": sorted(affected)}
     await session.execute(delete(GroupChannel).where(col(GroupChannel.channel_id) == channel.id))
     await session.delete(channel)
-    audit(
-        session,
-        actor,
-        "channel.delete",
-        "channel",
-        chat_id,
-        before={**before, "unlinked_from": sorted(affected)},
-    )
-    await commit_policy_change(session, policies, *affected)
-
-
-# ---------------------------------------------------------------- me, staff
-
-
-@dashboard.get("/me", response_model=Me, tags=["staff"])
-async def read_me(staff: CurrentStaff) -> Me:
-    """Who the token belongs to, and their role."""
-    assert staff.role is not None
-    return Me(user_id=uuid.UUID(staff.id), email=staff.name, role=staff.role, aal=staff.aal)
-
-
-def env_owner_ids(request: Request) -> set[str]:
-    return request.app.state.auth.owner_ids
-
-
-@dashboard.get("/staff", response_model=CountedPage[StaffPublic], tags=["staff"])
-async def list_staff(request: Request, session: SessionDep, _: Owner) -> CountedPage[StaffPublic]:
-    """Everyone who can use the dashboard, with their role."""
-    env_owners = env_owner_ids(request)
-    rows = list(await session.scalars(select(Staff).order_by(col(Staff.created_at), col(Staff.id))))
-    items = [
-        StaffPublic(
-            user_id=uuid.UUID(u), email=None, role="owner", created_at=None, source="environment"
-        )
-        for u in sorted(env_owners - {str(s.user_id) for s in rows})
-    ]
-    for s in rows:
-        from_env = str(s.user_id) in env_owners
-        items.append(
-            StaffPublic(
-                user_id=s.user_id,
-                email=s.email,
-                role="owner" if from_env else s.role,
-                created_at=s.created_at,
-                source="environment" if from_env else "database",
-            )
-        )
-    return CountedPage[StaffPublic](items=items, next_cursor=None, total=len(items))
-
-
-async def other_owner_exists(
-    session: AsyncSession, env_owners: set[str], user_id: uuid.UUID
-) -> bool:
-    # Lock the owner rows so two owners demoting each other cannot both succeed.
-    owners = await session.scalars(
-        select(col(Staff.user_id)).where(col(Staff.role) == "owner").with_for_update()
-    )
-    return bool((env_owners | {str(u) for u in owners}) - {str(user_id)})
-
-
-@dashboard.put(
-    "/staff/{user_id}",
-    response_model=StaffPublic,
-    responses={201: {"model": StaffPublic, "description": "Added"}},
-    tags=["staff"],
-)
-async def put_staff(
-    user_id: uuid.UUID,
-    body: StaffPut,
-    request: Request,
-    session: SessionDep,
-    actor: Owner,
-    response: Response,
-) -> StaffPublic:
-    """Add a staff member or change their role (201 when added, 200 when changed)."""
-    env_owners = env_owner_ids(request)
-    if str(user_id) in env_owners and body.role != "owner":
-        raise conflict("this user is an owner through OWNER_USER_IDS; change it there")
-    staff = await session.scalar(
-        select(Staff).where(col(Staff.user_id) == user_id).with_for_update()
-    )
-    demoting = staff is not None and staff.role == "owner" and body.role != "owner"
-    if demoting and not await other_owner_exists(session, env_owners, user_id):
-        raise conflict("this would leave no owner")
-    before = snapshot(staff) if staff else None
-    if staff is None:
-        staff = Staff(user_id=user_id, email=body.email, role=body.role)
-        session.add(staff)
-        response.status_code = 201
-    else:
-        if "email" in body.model_fields_set:
-            staff.email = body.email
-        staff.role = body.role
-        staff.updated_at = utcnow()
-    try:
-        await session.flush()
-    except IntegrityError:
-        raise conflict("this user was added concurrently; retry") from None
-    audit(session, actor, "staff.put", "staff", user_id, before, snapshot(staff))
+    await actor.audit(session, "channel.delete", "channel", chat_id, before=before)
+    policy.changed(session, *affected)
     await session.commit()
-    return StaffPublic(
-        user_id=staff.user_id,
-        email=staff.email,
-        role=staff.role,
-        created_at=staff.created_at,
-        source="environment" if str(user_id) in env_owners else "database",
-    )
-
-
-@dashboard.delete("/staff/{user_id}", status_code=204, tags=["staff"])
-async def delete_staff(
-    user_id: uuid.UUID, request: Request, session: SessionDep, actor: Owner
-) -> None:
-    """Remove a staff member."""
-    env_owners = env_owner_ids(request)
-    if str(user_id) in env_owners:
-        raise conflict("this user is an owner through OWNER_USER_IDS; remove them there")
-    staff = await session.scalar(
-        select(Staff).where(col(Staff.user_id) == user_id).with_for_update()
-    )
-    if staff is None:
-        raise not_found(f"staff member {user_id}")
-    if staff.role == "owner" and not await other_owner_exists(session, env_owners, user_id):
-        raise conflict("this is the last owner")
-    audit(session, actor, "staff.delete", "staff", user_id, before=snapshot(staff))
-    await session.delete(staff)
-    await session.commit()
-
-
-# ---------------------------------------------------------------- bot keys
-
-
-@dashboard.get("/bot-keys", response_model=CountedPage[BotKeyPublic], tags=["bot keys"])
-async def list_bot_keys(
-    session: SessionDep, _: Owner, limit: Limit = 50, cursor: Cursor = None
-) -> CountedPage[BotKeyPublic]:
-    """Bot API keys, newest first (never the key itself)."""
-    total = await session.scalar(select(func.count()).select_from(BotKey))
-    stmt = select(BotKey)
-    if cursor:
-        (after,) = decode_cursor(cursor, "-id", [int])
-        stmt = stmt.where(col(BotKey.id) < after)
-    rows = list(await session.scalars(stmt.order_by(col(BotKey.id).desc()).limit(limit + 1)))
-    next_cursor = encode_cursor("-id", [rows[limit - 1].id]) if len(rows) > limit else None
-    items = [BotKeyPublic.model_validate(k, from_attributes=True) for k in rows[:limit]]
-    return CountedPage[BotKeyPublic](items=items, next_cursor=next_cursor, total=total or 0)
-
-
-async def create_key(session: AsyncSession, actor: Principal, name: str) -> BotKeyCreated:
-    key = new_bot_key()
-    row = BotKey(name=name, prefix=key[:12], key_hash=hash_key(key))
-    session.add(row)
-    await session.flush()
-    audit(session, actor, "bot_key.create", "bot_key", row.id, after=snapshot(row, {"key_hash"}))
-    await session.commit()
-    assert row.id is not None
-    return BotKeyCreated(
-        id=row.id, name=row.name, prefix=row.prefix, key=key, created_at=row.created_at
-    )
-
-
-@dashboard.post("/bot-keys", response_model=BotKeyCreated, status_code=201, tags=["bot keys"])
-async def create_bot_key(body: BotKeyCreate, session: SessionDep, actor: Owner) -> BotKeyCreated:
-    """Create a bot API key; the response is the only time the key is shown."""
-    return await create_key(session, actor, body.name)
-
-
-@dashboard.delete("/bot-keys/{key_id}", status_code=204, tags=["bot keys"])
-async def revoke_bot_key(
-    key_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
-    request: Request,
-    session: SessionDep,
-    actor: Owner,
-) -> None:
-    """Revoke a bot key: it stops working within seconds on every replica."""
-    row = await session.scalar(select(BotKey).where(col(BotKey.id) == key_id).with_for_update())
-    if row is None:
-        raise not_found(f"bot key {key_id}")
-    if row.revoked_at is None:
-        before = snapshot(row, {"key_hash"})
-        row.revoked_at = utcnow()
-        audit(
-            session, actor, "bot_key.revoke", "bot_key", key_id, before, snapshot(row, {"key_hash"})
-        )
-        await session.commit()
-    request.app.state.auth.bot_keys.invalidate(row.key_hash)
-
-
-# ---------------------------------------------------------------- audit
-
-
-@dashboard.get("/audit", response_model=Page[AuditPublic], tags=["audit"])
-async def list_audit(
-    session: SessionDep,
-    _: Owner,
-    actor: Annotated[str | None, Query(max_length=64)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    resource: Annotated[str | None, Query(max_length=32)] = None,
-    since: Since = None,
-    until: Until = None,
-    limit: Limit = 50,
-    cursor: Cursor = None,
-) -> Page[AuditPublic]:
-    """The audit log, newest first."""
-    stmt = select(AuditLog)
-    if actor is not None:
-        stmt = stmt.where(col(AuditLog.actor_id) == actor)
-    if action is not None:
-        stmt = stmt.where(col(AuditLog.action) == action)
-    if resource is not None:
-        stmt = stmt.where(col(AuditLog.resource) == resource)
-    if (since := aware(since, "since")) is not None:
-        stmt = stmt.where(col(AuditLog.at) >= since)
-    if (until := aware(until, "until")) is not None:
-        stmt = stmt.where(col(AuditLog.at) < until)
-    columns = [col(AuditLog.at), col(AuditLog.id)]
-    if cursor:
-        stmt = stmt.where(keyset(columns, decode_cursor(cursor, "-at", [datetime, int]), True))
-    rows = list(await session.scalars(stmt.order_by(*order(columns, True)).limit(limit + 1)))
-    next_cursor = (
-        encode_cursor("-at", [rows[limit - 1].at, rows[limit - 1].id])
-        if len(rows) > limit
-        else None
-    )
-    return Page[AuditPublic](
-        items=[AuditPublic.from_row(a) for a in rows[:limit]], next_cursor=next_cursor
-    )
 
 
 # ---------------------------------------------------------------- verification log
-
 
 ResultFilter = Annotated[Literal["passed", "blocked", "error"] | None, Query()]
 TriggerFilter = Annotated[
     Literal["message", "join", "button", "channel_leave", "recheck"] | None, Query()
 ]
-# Filters follow the Telegram id rules too (422 for a service account or a positive group id).
-GroupQuery = Annotated[GroupChatId | None, Query()]
 
 
 def verification_filters(
@@ -1033,35 +630,23 @@ def verification_filters(
 
 
 VerificationFilters = Annotated[list[ColumnElement[bool]], Depends(verification_filters)]
-LOG_ORDER = (col(Verification.occurred_at), col(Verification.id))
+LOG_ORDER = Keyset(
+    "-occurred_at", (col(Verification.occurred_at), col(Verification.id)), descending=True
+)
 
 
 @dashboard.get("/verifications", response_model=Page[VerificationPublic], tags=["verifications"])
 async def list_verifications(
-    session: SessionDep,
-    _: CurrentStaff,
-    filters: VerificationFilters,
-    limit: Limit = 50,
-    cursor: Cursor = None,
+    session: SessionDep, filters: VerificationFilters, page: PageQuery
 ) -> Page[VerificationPublic]:
     """The verification log, newest first."""
-    stmt = select(Verification).where(*filters)
-    if cursor:
-        after = decode_cursor(cursor, "-occurred_at", [datetime, int])
-        stmt = stmt.where(keyset(LOG_ORDER, after, True))
-    rows = list(await session.scalars(stmt.order_by(*order(LOG_ORDER, True)).limit(limit + 1)))
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor("-occurred_at", [last.occurred_at, last.id])
-    items = [VerificationPublic.model_validate(v, from_attributes=True) for v in rows[:limit]]
+    statement = select(Verification).where(*filters)
+    rows, next_cursor = await paginate(session, statement, LOG_ORDER, page)
+    items = [VerificationPublic.model_validate(v, from_attributes=True) for (v,) in rows]
     return Page[VerificationPublic](items=items, next_cursor=next_cursor)
 
 
-CSV_COLUMNS = (
-    "id", "event_id", "chat_id", "user_id", "result", "trigger", "missing_channel_ids",
-    "cached", "latency_ms", "error", "occurred_at", "received_at",
-)  # fmt: skip
+CSV_COLUMNS = tuple(VerificationPublic.model_fields)
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -1073,7 +658,7 @@ def csv_cell(value: object) -> object:
     return value
 
 
-def csv_row(v: Any) -> list[object]:
+def csv_row(v: Verification) -> list[object]:
     return [
         v.id,
         str(v.event_id),
@@ -1096,25 +681,22 @@ def csv_row(v: Any) -> list[object]:
     responses={200: {"content": {"text/csv": {}}, "description": "RFC 4180 CSV"}},
     tags=["verifications"],
 )
-async def export_verifications(
-    request: Request, session: SessionDep, _: CurrentStaff, filters: VerificationFilters
-) -> StreamingResponse:
+async def export_verifications(request: Request, filters: VerificationFilters) -> StreamingResponse:
     """The verification log as CSV (same filters, newest first, streamed)."""
-    await session.close()  # the stream reads through its own session, however long it takes
-    db: Database = request.app.state.db
+    db = database(request)
 
     async def lines() -> AsyncIterator[str]:
         buffer = io.StringIO()
         writer = csv.writer(buffer)  # RFC 4180: CRLF, quotes doubled, quoted when needed
         writer.writerow(CSV_COLUMNS)
         async with db.sessionmaker() as stream_session:
-            stmt = (
+            statement = (
                 select(Verification)
                 .where(*filters)
-                .order_by(*order(LOG_ORDER, True))
+                .order_by(*LOG_ORDER.order())
                 .execution_options(yield_per=2000)
             )
-            result = await stream_session.stream_scalars(stmt)
+            result = await stream_session.stream_scalars(statement)
             async for chunk in result.partitions():
                 for row in chunk:
                     writer.writerow(csv_row(row))
@@ -1136,35 +718,14 @@ async def export_verifications(
 # ---------------------------------------------------------------- analytics
 
 
-def analytics_window(since: datetime | None, until: datetime | None, grain: str = "h") -> Window:
-    floor = floor_hour if grain == "h" else floor_day
-    step = timedelta(hours=1) if grain == "h" else timedelta(days=1)
-    until, since = aware(until, "until"), aware(since, "since")
-    end = floor(until) if until is not None else floor(utcnow()) + step
-    start = floor(since) if since is not None else end - timedelta(days=7)
-    if start >= end:
-        raise invalid_query("since", "must be before until (after truncation to the bucket)")
-    return Window(start, end)
-
-
 @dashboard.get("/analytics/summary", response_model=AnalyticsSummary, tags=["analytics"])
 async def analytics_summary(
-    session: SessionDep,
-    _: CurrentStaff,
-    since: Since = None,
-    until: Until = None,
-    group: GroupQuery = None,
+    session: SessionDep, since: Since = None, until: Until = None, group: GroupQuery = None
 ) -> AnalyticsSummary:
     """Totals over a window (default: the last 7 days)."""
-    window = analytics_window(since, until)
+    window = Window.of(since, until)
     sums = await analytics.counters(session, window, group)
-    counted = select(
-        func.coalesce(func.sum(member_counts.c.verified), 0),
-        func.coalesce(func.sum(member_counts.c.restricted), 0),
-    )
-    if group is not None:
-        counted = counted.where(member_counts.c.chat_id == group)
-    verified, restricted = (await session.execute(counted)).one()
+    verified, restricted = await analytics.member_totals(session, group)
     histogram = [sums[name] for name in LATENCY_COLUMNS]
     return AnalyticsSummary(
         since=window.since,
@@ -1181,8 +742,8 @@ async def analytics_summary(
             p50=analytics.percentile(histogram, 0.5), p95=analytics.percentile(histogram, 0.95)
         ),
         active_groups=sums["active_groups"],
-        verified_members=int(verified),
-        restricted_members=int(restricted),
+        verified_members=verified,
+        restricted_members=restricted,
     )
 
 
@@ -1192,7 +753,6 @@ MAX_POINTS = 2000
 @dashboard.get("/analytics/timeseries", response_model=Timeseries, tags=["analytics"])
 async def analytics_timeseries(
     session: SessionDep,
-    _: CurrentStaff,
     bucket: Literal["hour", "day"] = "hour",
     since: Since = None,
     until: Until = None,
@@ -1200,10 +760,10 @@ async def analytics_timeseries(
 ) -> Timeseries:
     """Checks per hour or per day, every bucket present (zeros filled)."""
     grain = "h" if bucket == "hour" else "d"
-    window = analytics_window(since, until, grain)
+    window = Window.of(since, until, grain)
     step = timedelta(hours=1) if grain == "h" else timedelta(days=1)
     if (window.until - window.since) / step > MAX_POINTS:
-        raise invalid_query("since", f"the window holds more than {MAX_POINTS} {bucket}s")
+        raise invalid(("query", "since"), f"the window holds more than {MAX_POINTS} {bucket}s")
     points = await analytics.timeseries(session, grain, window.since, window.until, group)
     return Timeseries.model_validate(
         {"bucket": bucket, "since": window.since, "until": window.until, "points": points}
@@ -1213,13 +773,12 @@ async def analytics_timeseries(
 @dashboard.get("/analytics/top-groups", response_model=TopGroups, tags=["analytics"])
 async def analytics_top_groups(
     session: SessionDep,
-    _: CurrentStaff,
     since: Since = None,
     until: Until = None,
     limit: Annotated[int, Query(ge=1, le=50)] = 10,
 ) -> TopGroups:
     """The groups with the most checks in a window."""
-    window = analytics_window(since, until)
+    window = Window.of(since, until)
     rows = await analytics.top_groups(session, window, limit)
     titles = await titles_of(session, Group, [r.chat_id for r in rows])
     items = [
@@ -1237,14 +796,10 @@ async def analytics_top_groups(
 
 @dashboard.get("/analytics/channels", response_model=ChannelBlocksList, tags=["analytics"])
 async def analytics_channels(
-    session: SessionDep,
-    _: CurrentStaff,
-    since: Since = None,
-    until: Until = None,
-    group: GroupQuery = None,
+    session: SessionDep, since: Since = None, until: Until = None, group: GroupQuery = None
 ) -> ChannelBlocksList:
     """Which required channels users were missing when blocked, most first."""
-    window = analytics_window(since, until)
+    window = Window.of(since, until)
     rows = await analytics.channel_blocks(session, window, group)
     titles = await titles_of(session, Channel, [r.channel_id for r in rows])
     items = [
@@ -1254,111 +809,235 @@ async def analytics_channels(
     return ChannelBlocksList(since=window.since, until=window.until, items=items)
 
 
-async def titles_of(session: AsyncSession, model: Any, chat_ids: list[int]) -> dict[int, str]:
-    """Current titles; a group or channel deleted since has none (its numbers stay)."""
-    if not chat_ids:
-        return {}
-    rows = await session.execute(
-        select(model.chat_id, model.title).where(model.chat_id.in_(chat_ids))
-    )
-    return dict(rows.all())  # pyrefly: ignore[no-matching-overload]
-
-
 # ---------------------------------------------------------------- live feed
 
-KEEPALIVE_SECONDS = 15.0
 
-
-@dashboard.get(
-    "/events",
-    response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
-    tags=["events"],
-)
+@live.get("/events", response_class=EventSourceResponse, tags=["events"])
 async def stream_events(
-    request: Request, session: SessionDep, _: CurrentStaff
-) -> StreamingResponse:
+    subscriber: Annotated[Subscriber, Depends(subscription)],
+) -> AsyncIterator[ServerSentEvent]:
     """Live feed of verifications and audit entries (server-sent events)."""
-    await session.close()  # hand the connection back: a stream can stay open for hours
-    feed: Feed = request.app.state.feed
-    subscriber = feed.subscribe()
-    if subscriber is None:
-        raise HTTPException(503, "too many live-feed subscribers", headers={"Retry-After": "30"})
+    async for event in subscriber.events():
+        yield event
 
-    async def events() -> AsyncIterator[str]:
-        try:
-            yield "retry: 3000\n\n"
-            while True:
-                try:
-                    kind, data = await asyncio.wait_for(subscriber.queue.get(), KEEPALIVE_SECONDS)
-                except TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                if subscriber.dropped:
-                    yield f'event: dropped\ndata: {{"count": {subscriber.dropped}}}\n\n'
-                    subscriber.dropped = 0
-                yield f"event: {kind}\ndata: {data}\n\n"
-        finally:
-            feed.unsubscribe(subscriber)
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+# ---------------------------------------------------------------- audit
+
+AUDIT_ORDER = Keyset("-at", (col(AuditLog.at), col(AuditLog.id)), descending=True)
+
+
+@dashboard.get("/audit", response_model=Page[AuditPublic], tags=["audit"])
+async def list_audit(
+    session: SessionDep,
+    _: Owner,
+    page: PageQuery,
+    actor: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    resource: Annotated[str | None, Query(max_length=32)] = None,
+    since: Since = None,
+    until: Until = None,
+) -> Page[AuditPublic]:
+    """The audit log, newest first."""
+    statement = select(AuditLog)
+    if actor is not None:
+        statement = statement.where(AuditLog.actor_id == actor)
+    if action is not None:
+        statement = statement.where(AuditLog.action == action)
+    if resource is not None:
+        statement = statement.where(AuditLog.resource == resource)
+    if (since := aware(since, "since")) is not None:
+        statement = statement.where(AuditLog.at >= since)
+    if (until := aware(until, "until")) is not None:
+        statement = statement.where(AuditLog.at < until)
+    rows, next_cursor = await paginate(session, statement, AUDIT_ORDER, page)
+    return Page[AuditPublic](
+        items=[AuditPublic.from_row(a) for (a,) in rows], next_cursor=next_cursor
     )
 
 
-# ---------------------------------------------------------------- bot
+# ---------------------------------------------------------------- staff
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-bot = APIRouter(prefix="/api/v1/bot", tags=["bot"])
-NOT_MODIFIED = {304: {"description": "Not modified (If-None-Match)"}}
+def staff_listing(env_owners: set[str]) -> Any:
+    """Everyone who can use the dashboard, in list order: owners only in OWNER_USER_IDS first
+    (by user id), then the staff rows by creation. One statement, so one keyset pages it."""
+    user_id_type = Staff.__table__.c.user_id.type  # pyrefly: ignore[missing-attribute]
+    env_only = [
+        core_select(
+            literal(0).label("rank"),
+            literal(EPOCH, UTCDateTime).label("sort_at"),
+            literal(uuid.UUID(user_id), user_id_type).label("user_id"),
+            literal(None, String).label("email"),
+            literal("owner").label("role"),
+            literal(None, UTCDateTime).label("created_at"),
+        ).where(~exists().where(col(Staff.user_id) == uuid.UUID(user_id)))
+        for user_id in sorted(env_owners)
+    ]
+    rows = core_select(
+        literal(1).label("rank"),
+        col(Staff.created_at).label("sort_at"),
+        col(Staff.user_id),
+        col(Staff.email),
+        col(Staff.role),
+        col(Staff.created_at),
+    )
+    return union_all(*env_only, rows).subquery("staff_listing")
 
 
-async def build_policy(db: Database, chat_id: int) -> tuple[bytes, str] | None:
-    async with db.sessionmaker() as session:
-        group = await session.scalar(select(Group).where(col(Group.chat_id) == chat_id))
-        if group is None:
-            return None
-        assert group.id is not None
-        policy = Policy.model_validate(
-            {
-                **group.model_dump(include=set(SETTING_FIELDS)),
-                "chat_id": group.chat_id,
-                "active": group.is_active,
-                "version": group.version,
-                "channels": await linked_channels(session, group.id),
-            }
-        )
-    # The row id makes a deleted-and-recreated group's ETag differ from the old one.
-    return policy.model_dump_json().encode(), f'"{group.id}.{group.version}"'
+@dashboard.get("/staff", response_model=CountedPage[StaffPublic], tags=["staff"])
+async def list_staff(
+    request: Request, session: SessionDep, _: Owner, page: PageQuery
+) -> CountedPage[StaffPublic]:
+    """Everyone who can use the dashboard, with their role."""
+    env_owners = auth_state(request).owner_ids
+    listing = staff_listing(env_owners)
+    order = Keyset("staff", (listing.c.rank, listing.c.sort_at, listing.c.user_id))
+    statement = select(listing)
+    total = await count(session, statement)
+    rows, next_cursor = await paginate(session, statement, order, page)
+    items = [StaffPublic.from_row(row, env_owners) for row in rows]
+    return CountedPage[StaffPublic](items=items, next_cursor=next_cursor, total=total)
 
 
-async def cached_policy(request: Request, chat_id: int) -> tuple[bytes, str] | None:
-    return await policy_of(request.app.state, chat_id)
+async def other_owner_exists(
+    session: AsyncSession, env_owners: set[str], user_id: uuid.UUID
+) -> bool:
+    # Lock the owner rows so two owners demoting each other cannot both succeed.
+    owners = await session.scalars(
+        select(Staff.user_id).where(Staff.role == "owner").with_for_update()
+    )
+    return bool((env_owners | {str(u) for u in owners}) - {str(user_id)})
 
 
-async def policy_of(state: Any, chat_id: int) -> tuple[bytes, str] | None:
-    policies: PolicyCache = state.policies
+@dashboard.put(
+    "/staff/{user_id}",
+    response_model=StaffPublic,
+    responses={201: {"model": StaffPublic, "description": "Added"}},
+    tags=["staff"],
+)
+async def put_staff(
+    user_id: uuid.UUID,
+    body: StaffPut,
+    request: Request,
+    session: SessionDep,
+    actor: Owner,
+    response: Response,
+) -> StaffPublic:
+    """Add a staff member or change their role (201 when added, 200 when changed)."""
+    env_owners = auth_state(request).owner_ids
+    if str(user_id) in env_owners and body.role != "owner":
+        raise conflict("this user is an owner through OWNER_USER_IDS; change it there")
+    staff = await session.scalar(select(Staff).where(Staff.user_id == user_id).with_for_update())
+    demoting = staff is not None and staff.role == "owner" and body.role != "owner"
+    if demoting and not await other_owner_exists(session, env_owners, user_id):
+        raise conflict("this would leave no owner")
+    before = snapshot(staff) if staff else None
+    if staff is None:
+        staff = Staff(user_id=user_id, email=body.email, role=body.role)
+        session.add(staff)
+        response.status_code = 201
+    else:
+        if "email" in body.model_fields_set:
+            staff.email = body.email
+        staff.role = body.role
+        staff.updated_at = utcnow()
     try:
-        return policies.entries[chat_id]
-    except KeyError:
-        generation = policies.generation
-        entry = await build_policy(state.db, chat_id)
-        policies.put(chat_id, entry, generation)
-        return entry
+        await session.flush()
+    except IntegrityError:
+        raise conflict("this user was added concurrently; retry") from None
+    await actor.audit(session, "staff.put", "staff", user_id, before, snapshot(staff))
+    await session.commit()
+    return StaffPublic.from_row(staff, env_owners)
 
 
-def etag_matches(if_none_match: str, tag: str) -> bool:
-    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-    return tag in tags or "*" in tags
+@dashboard.delete("/staff/{user_id}", status_code=204, tags=["staff"])
+async def delete_staff(
+    user_id: uuid.UUID, request: Request, session: SessionDep, actor: Owner
+) -> None:
+    """Remove a staff member."""
+    env_owners = auth_state(request).owner_ids
+    if str(user_id) in env_owners:
+        raise conflict("this user is an owner through OWNER_USER_IDS; remove them there")
+    staff = await session.scalar(select(Staff).where(Staff.user_id == user_id).with_for_update())
+    if staff is None:
+        raise not_found(f"staff member {user_id}")
+    if staff.role == "owner" and not await other_owner_exists(session, env_owners, user_id):
+        raise conflict("this is the last owner")
+    await actor.audit(session, "staff.delete", "staff", user_id, before=snapshot(staff))
+    await session.delete(staff)
+    await session.commit()
 
 
-def policy_response(entry: tuple[bytes, str] | None, chat_id: int, status: int = 200) -> Response:
-    if entry is None:
-        raise not_found(f"group {chat_id}")
-    body, tag = entry
-    return Response(body, status, headers={"ETag": tag}, media_type="application/json")
+# ---------------------------------------------------------------- bot keys
+
+KEY_ORDER = Keyset("-id", (col(BotKey.id),), descending=True)
+
+
+@dashboard.get("/bot-keys", response_model=CountedPage[BotKeyPublic], tags=["bot keys"])
+async def list_bot_keys(
+    session: SessionDep, _: Owner, page: PageQuery
+) -> CountedPage[BotKeyPublic]:
+    """Bot API keys, newest first (never the key itself)."""
+    statement = select(BotKey)
+    total = await count(session, statement)
+    rows, next_cursor = await paginate(session, statement, KEY_ORDER, page)
+    items = [BotKeyPublic.model_validate(k, from_attributes=True) for (k,) in rows]
+    return CountedPage[BotKeyPublic](items=items, next_cursor=next_cursor, total=total)
+
+
+@dashboard.post("/bot-keys", response_model=BotKeyCreated, status_code=201, tags=["bot keys"])
+async def create_bot_key(body: BotKeyCreate, session: SessionDep, actor: Owner) -> BotKeyCreated:
+    """Create a bot API key; the response is the only time the key is shown."""
+    created = await issue_bot_key(session, actor, body.name)
+    await session.commit()
+    return created
+
+
+@dashboard.delete("/bot-keys/{key_id}", status_code=204, tags=["bot keys"])
+async def revoke_bot_key(
+    key_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    request: Request,
+    session: SessionDep,
+    actor: Owner,
+) -> None:
+    """Revoke a bot key: it stops working within seconds on every replica."""
+    row = await session.scalar(select(BotKey).where(BotKey.id == key_id).with_for_update())
+    if row is None:
+        raise not_found(f"bot key {key_id}")
+    if row.revoked_at is None:
+        before = snapshot(row)
+        row.revoked_at = utcnow()
+        await actor.audit(session, "bot_key.revoke", "bot_key", key_id, before, snapshot(row))
+        await session.commit()
+    auth_state(request).bot_keys.invalidate(row.key_hash)
+
+
+# ---------------------------------------------------------------- bots
+
+BOT_ORDER = Keyset("instance_id", (col(BotInstance.instance_id),))
+
+
+@dashboard.get("/bots", response_model=CountedPage[BotInstancePublic], tags=["bots"])
+async def list_bots(session: SessionDep, page: PageQuery) -> CountedPage[BotInstancePublic]:
+    """Bot instances that sent heartbeats, by instance id."""
+    statement = select(BotInstance)
+    total = await count(session, statement)
+    rows, next_cursor = await paginate(session, statement, BOT_ORDER, page)
+    online_since = utcnow() - timedelta(seconds=2 * HEARTBEAT_SECONDS)
+    items = [
+        BotInstancePublic.model_validate(
+            {**b.model_dump(), "online": b.last_seen_at >= online_since}
+        )
+        for (b,) in rows
+    ]
+    return CountedPage[BotInstancePublic](items=items, next_cursor=next_cursor, total=total)
+
+
+# ---------------------------------------------------------------- bot: the policy
+
+NOT_MODIFIED = {304: {"description": "Not modified (If-None-Match)"}}
 
 
 @bot.get(
@@ -1373,63 +1052,12 @@ def policy_response(entry: tuple[bytes, str] | None, chat_id: int, status: int =
         ]
     },
 )  # fmt: skip
-async def read_policy(request: Request, _: BotCaller) -> Response:
+async def read_policy() -> Response:
     """The policy for one group: the hot path, called for every message."""
-    chat_id = int64(request.path_params["chat_id"], "chat_id")
-    entry = await cached_policy(request, chat_id)
-    if_none_match = request.headers.get("if-none-match")
-    if entry is not None and if_none_match is not None and etag_matches(if_none_match, entry[1]):
-        return Response(status_code=304, headers={"ETag": entry[1]})
-    return policy_response(entry, chat_id)
+    return policy.Answer()  # the documented twin of policy.route (mounted ahead of it)
 
 
-class PolicyEndpoint:
-    """`read_policy` as a bare ASGI app: app.py mounts it ahead of the documented FastAPI
-    route. Same checks, same answers, same errors (raised to the same handlers), without
-    Request objects or dependency solving on the one route called for every message
-    (measured in bench/README.md)."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        authorization = if_none_match = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value
-            elif name == b"if-none-match":
-                if_none_match = value
-        app = scope["app"]
-        await authenticate_bot(
-            app, authorization.decode("latin-1"), scope["state"].get("request_id")
-        )
-        chat_id = int64(scope["path_params"]["chat_id"], "chat_id")
-        entry = await policy_of(app.state, chat_id)
-        if entry is None:
-            raise not_found(f"group {chat_id}")
-        body, tag = entry
-        if if_none_match and etag_matches(if_none_match.decode("latin-1"), tag):
-            headers = [(b"etag", tag.encode())]
-            await send({"type": "http.response.start", "status": 304, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"etag", tag.encode()),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-def int64(raw: str, name: str) -> int:
-    """A path parameter read by hand: 422 unless a 64-bit integer."""
-    try:
-        value = int(raw)
-        if -INT64 <= value <= INT64:
-            return value
-    except ValueError:
-        pass
-    raise RequestValidationError(
-        [{"loc": ("path", name), "msg": "must be a 64-bit integer", "type": "int_parsing"}]
-    )
+# ---------------------------------------------------------------- bot: registration, links
 
 
 @bot.put(
@@ -1440,15 +1068,12 @@ def int64(raw: str, name: str) -> int:
 async def register_group(
     chat_id: NewGroupIdPath,
     body: BotGroupPut,
-    request: Request,
     session: SessionDep,
     actor: BotCaller,
-    policies: PolicyCacheDep,
+    policies: PoliciesDep,
 ) -> Response:
     """The bot was added to (or saw) a group: create it with defaults, or refresh its title."""
-    group = await session.scalar(
-        select(Group).where(col(Group.chat_id) == chat_id).with_for_update()
-    )
+    group = await session.scalar(select(Group).where(Group.chat_id == chat_id).with_for_update())
     created = group is None
     if group is None:
         group = Group.model_validate({"chat_id": chat_id, **body.model_dump(exclude_unset=True)})
@@ -1457,17 +1082,19 @@ async def register_group(
             await session.flush()
         except IntegrityError:  # registered concurrently by another replica
             await session.rollback()
-            return policy_response(await cached_policy(request, chat_id), chat_id)
-        audit(session, actor, "group.register", "group", chat_id, after=snapshot(group))
+            return policy.answer(await policies.get(chat_id, session), chat_id)
+        await actor.audit(session, "group.register", "group", chat_id, after=snapshot(group))
+        policy.changed(session, chat_id)
     else:
         changes = body.model_dump(exclude_unset=True)
         # Counters change all the time: stored, but not a new version of the group.
         for field in ("member_count", "added_by_user_id"):
             if field in changes:
                 setattr(group, field, changes.pop(field))
-        apply_changes(session, actor, group, changes, "group")
-    await commit_policy_change(session, policies, chat_id)
-    return policy_response(await cached_policy(request, chat_id), chat_id, 201 if created else 200)
+        await apply_changes(session, actor, group, changes)
+    await session.commit()
+    entry = await policies.get(chat_id, session)
+    return policy.answer(entry, chat_id, 201 if created else 200)
 
 
 @bot.put(
@@ -1481,13 +1108,11 @@ async def register_channel(
     session: SessionDep,
     actor: BotCaller,
     response: Response,
-    policies: PolicyCacheDep,
 ) -> ChannelPublic:
     """Create or refresh a channel's metadata."""
     channel = await session.scalar(
-        select(Channel).where(col(Channel.chat_id) == chat_id).with_for_update()
+        select(Channel).where(Channel.chat_id == chat_id).with_for_update()
     )
-    affected: list[int] = []
     if channel is None:
         channel = Channel.model_validate(
             {"chat_id": chat_id, **body.model_dump(exclude_unset=True)}
@@ -1497,14 +1122,15 @@ async def register_channel(
             await session.flush()
         except IntegrityError:
             raise conflict(f"channel {chat_id} was registered concurrently; retry") from None
-        audit(session, actor, "channel.register", "channel", chat_id, after=snapshot(channel))
+        after = snapshot(channel)
+        await actor.audit(session, "channel.register", "channel", chat_id, after=after)
         response.status_code = 201
     else:
         changes = body.model_dump(exclude_unset=True)
         if "subscriber_count" in changes:
             channel.subscriber_count = changes.pop("subscriber_count")
-        affected = await apply_channel_changes(session, actor, channel, changes)
-    await commit_policy_change(session, policies, *affected)
+        await update_channel_row(session, actor, channel, changes)
+    await session.commit()
     etag(response, channel.version)
     return await channel_public(session, channel)
 
@@ -1517,55 +1143,42 @@ async def register_channel(
 async def bot_link_channel(
     chat_id: ChatIdPath,
     channel_id: ChannelIdPath,
-    request: Request,
     session: SessionDep,
     actor: BotCaller,
-    policies: PolicyCacheDep,
+    policies: PoliciesDep,
 ) -> Response:
     """Require a channel in a group (the in-chat "protect @channel" command)."""
-    _, created = await link_channel(session, policies, actor, chat_id, channel_id)
-    return policy_response(await cached_policy(request, chat_id), chat_id, 201 if created else 200)
+    _, created = await link_channel(session, actor, chat_id, channel_id)
+    await session.commit()
+    entry = await policies.get(chat_id, session)
+    return policy.answer(entry, chat_id, 201 if created else 200)
 
 
 @bot.delete("/groups/{chat_id}/channels/{channel_id}", status_code=204)
 async def bot_unlink_channel(
-    chat_id: ChatIdPath,
-    channel_id: ChannelIdPath,
-    session: SessionDep,
-    actor: BotCaller,
-    policies: PolicyCacheDep,
+    chat_id: ChatIdPath, channel_id: ChannelIdPath, session: SessionDep, actor: BotCaller
 ) -> None:
     """Stop requiring a channel in a group."""
-    await unlink_channel(session, policies, actor, chat_id, channel_id)
+    await unlink_channel(session, actor, chat_id, channel_id)
+    await session.commit()
 
 
 @bot.post("/groups/{chat_id}/migrate", response_model=Policy)
 async def migrate_group(
     chat_id: ChatIdPath,
     body: GroupMigrate,
-    request: Request,
     session: SessionDep,
     actor: BotCaller,
-    policies: PolicyCacheDep,
+    policies: PoliciesDep,
 ) -> Response:
     """A basic group became a supergroup: move settings, links, members and history."""
     new_id = body.new_chat_id
     if new_id == chat_id:
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("body", "new_chat_id"),
-                    "msg": "is the current chat id",
-                    "type": "value_error",
-                }
-            ]
-        )
+        raise invalid(("body", "new_chat_id"), "is the current chat id")
     group = await load_group(session, chat_id, lock=True)
-    if await session.scalar(select(col(Group.id)).where(col(Group.chat_id) == new_id)):
+    if await session.scalar(select(Group.id).where(Group.chat_id == new_id)):
         raise conflict(f"group {new_id} already exists")
     await move_members(session, chat_id, new_id)
-    for recounted in (chat_id, new_id):
-        await recount_members(session, recounted)
     await session.execute(
         update(Verification).where(col(Verification.chat_id) == chat_id).values(chat_id=new_id)
     )
@@ -1573,60 +1186,30 @@ async def migrate_group(
     group.chat_id = new_id
     group.version += 1
     group.updated_at = utcnow()
-    audit(session, actor, "group.migrate", "group", chat_id, before, snapshot(group))
     try:
-        await commit_policy_change(session, policies, chat_id, new_id)
-    except IntegrityError:
-        raise conflict(f"group {new_id} already exists") from None
-    return policy_response(await cached_policy(request, new_id), new_id)
-
-
-async def move_members(session: AsyncSession, old: int, new: int) -> None:
-    """Re-key member states; where the new chat already has a state (the bot reported events
-    for the supergroup before migrating), the two are merged."""
-    new_states = {
-        m.user_id: m
-        for m in await session.scalars(select(Member).where(col(Member.chat_id) == new))
-    }
-    if new_states:
-        clashing = await session.scalars(
-            select(Member).where(
-                col(Member.chat_id) == old, col(Member.user_id).in_(list(new_states))
-            )
-        )
-        for old_state in clashing:
-            target = new_states[old_state.user_id]
-            target.checks += old_state.checks
-            for field in ("verified_at", "restricted_at"):
-                mine, theirs = getattr(target, field), getattr(old_state, field)
-                if theirs is not None and (mine is None or theirs > mine):
-                    setattr(target, field, theirs)
-            target.status = local_status(
-                MemberDelta(target.verified_at, target.restricted_at, target.checks)
-            )
-            await session.delete(old_state)
         await session.flush()
-    await session.execute(update(Member).where(col(Member.chat_id) == old).values(chat_id=new))
+    except IntegrityError:  # the new id was registered concurrently
+        raise conflict(f"group {new_id} already exists") from None
+    await actor.audit(session, "group.migrate", "group", chat_id, before, snapshot(group))
+    policy.changed(session, chat_id, new_id)
+    await session.commit()
+    return policy.answer(await policies.get(new_id, session), new_id)
 
 
 @bot.get("/channels/{chat_id}/groups", response_model=ChatRefList)
-async def list_channel_groups(
-    chat_id: ChatIdPath, session: SessionDep, _: BotCaller
-) -> ChatRefList:
+async def list_channel_groups(chat_id: ChatIdPath, session: SessionDep) -> ChatRefList:
     """Active groups that require this channel (to re-check a user who left it)."""
     channel = await load_channel(session, chat_id)
     rows = await session.scalars(
-        select(col(Group.chat_id))
-        .join(GroupChannel, col(GroupChannel.group_id) == col(Group.id))
-        .where(col(GroupChannel.channel_id) == channel.id, col(Group.is_active))
+        select(Group.chat_id)
+        .join(GroupChannel, col(GroupChannel.group_id) == Group.id)
+        .where(GroupChannel.channel_id == channel.id, Group.is_active)
         .order_by(col(Group.chat_id))
     )
     return ChatRefList(items=[ChatRef(chat_id=c) for c in rows])
 
 
-@dataclass(slots=True)
-class Counter:
-    total: int = 0
+# ---------------------------------------------------------------- bot: verifications, members
 
 
 @bot.post(
@@ -1641,7 +1224,7 @@ class Counter:
         }
     },
 )
-async def ingest_verifications(request: Request, session: SessionDep, _: BotCaller) -> IngestResult:
+async def ingest_verifications(request: Request, session: SessionDep) -> IngestResult:
     """Store a batch of verification results (idempotent by event_id)."""
     # Parsed and validated straight from bytes in Rust: FastAPI's json.loads followed by
     # validation of the Python objects was a sixth of a 500-event batch (py-spy).
@@ -1655,23 +1238,20 @@ async def ingest_verifications(request: Request, session: SessionDep, _: BotCall
         raise RequestValidationError(errors)
     inserted = await ingest(session, body.events)
     await session.commit()
-    request.app.state.ingested.total += len(inserted)
+    metrics_of(request).ingested.inc(len(inserted))
     return IngestResult(accepted=len(inserted), duplicates=len(body.events) - len(inserted))
 
 
 @bot.get("/groups/{chat_id}/members/{user_id}", response_model=MemberState)
 async def read_member_state(
-    chat_id: ChatIdPath,
-    user_id: Annotated[UserId, Path()],
-    session: SessionDep,
-    _: BotCaller,
+    chat_id: ChatIdPath, user_id: Annotated[UserId, Path()], session: SessionDep
 ) -> MemberState:
     """A user's last known state in a group, and until when a pass stays fresh."""
     row = (
         await session.execute(
-            select(Member, col(Group.recheck_seconds))
-            .outerjoin(Group, col(Group.chat_id) == col(Member.chat_id))
-            .where(col(Member.chat_id) == chat_id, col(Member.user_id) == user_id)
+            select(Member, Group.recheck_seconds)
+            .outerjoin(Group, col(Group.chat_id) == Member.chat_id)
+            .where(Member.chat_id == chat_id, Member.user_id == user_id)
         )
     ).first()
     if row is None:
@@ -1708,41 +1288,29 @@ async def heartbeat(body: Heartbeat, session: SessionDep, bot_key: BotCaller) ->
     await session.commit()
 
 
-@dashboard.get("/bots", response_model=CountedPage[BotInstancePublic], tags=["bots"])
-async def list_bots(
-    session: SessionDep, _: CurrentStaff, limit: Limit = 50, cursor: Cursor = None
-) -> CountedPage[BotInstancePublic]:
-    """Bot instances that sent heartbeats, by instance id."""
-    total = await session.scalar(select(func.count()).select_from(BotInstance))
-    stmt = select(BotInstance)
-    if cursor:
-        (after,) = decode_cursor(cursor, "instance_id", [str])
-        stmt = stmt.where(col(BotInstance.instance_id) > after)
-    rows = list(await session.scalars(stmt.order_by(col(BotInstance.instance_id)).limit(limit + 1)))
-    online_since = utcnow() - timedelta(seconds=2 * HEARTBEAT_SECONDS)
-    items = [
-        BotInstancePublic.model_validate(
-            {**b.model_dump(), "online": b.last_seen_at >= online_since}
-        )
-        for b in rows[:limit]
-    ]
-    next_cursor = (
-        encode_cursor("instance_id", [rows[limit - 1].instance_id]) if len(rows) > limit else None
-    )
-    return CountedPage[BotInstancePublic](items=items, next_cursor=next_cursor, total=total or 0)
-
-
 # ---------------------------------------------------------------- service
 
 
-@service.get("/healthz", tags=["service"])
+@service.get("/healthz")
 async def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@service.get("/readyz", tags=["service"], responses={503: {"description": "Database down"}})
+@service.get("/readyz", responses={503: {"description": "Database down"}})
 async def readyz(session: SessionDep) -> dict[str, str]:
     """The database answers."""
     await session.execute(text("SELECT 1"))
     return {"status": "ok"}
+
+
+@service.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def read_metrics(request: Request) -> Response:
+    """Prometheus metrics (METRICS_ENABLED=true; else 404)."""
+    if not auth_state(request).settings.metrics_enabled:
+        raise HTTPException(404, "metrics are off (METRICS_ENABLED=false)")
+    return Response(metrics_of(request).exposition(), media_type="text/plain; version=0.0.4")

@@ -5,17 +5,35 @@ import uuid
 from functools import lru_cache
 from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOCAL_SUPABASE_URL = "http://127.0.0.1:54321"
 BOT_KEY_RE = re.compile(r"^cgk_[A-Za-z0-9_-]{43}$")
 
 
-def _split_csv(value: object) -> object:
+def _split_commas(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+def _bot_key_entry(entry: str) -> str:
+    name, sep, key = entry.partition(":")
+    if not sep or not name or not BOT_KEY_RE.fullmatch(key):
+        raise ValueError("BOT_API_KEYS entries must be name:cgk_<43 url-safe chars>")
+    return entry
+
+
+def _user_uuid(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError("OWNER_USER_IDS entries must be Supabase user UUIDs") from None
+
+
+# A comma-separated environment variable (NoDecode: not parsed as JSON first).
+type CommaList[T] = Annotated[list[T], NoDecode, BeforeValidator(_split_commas)]
 
 
 class Settings(BaseSettings):
@@ -31,45 +49,31 @@ class Settings(BaseSettings):
     supabase_jwt_issuer: str = ""
     supabase_jwt_audience: str = "authenticated"
 
-    owner_user_ids: Annotated[list[str], NoDecode] = []
+    owner_user_ids: CommaList[Annotated[str, AfterValidator(_user_uuid)]] = []
     require_aal2_for_owners: bool = False
-    bot_api_keys: Annotated[list[str], NoDecode] = []
+    bot_api_keys: CommaList[Annotated[str, AfterValidator(_bot_key_entry)]] = []
 
-    cors_origins: Annotated[list[str], NoDecode] = []
+    cors_origins: CommaList[str] = []
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     environment: Literal["development", "test", "production"] = "development"
     metrics_enabled: bool = False
     retention_days: int = Field(default=90, ge=1, le=3650)
 
-    @model_validator(mode="before")
+    @field_validator("database_url")
     @classmethod
-    def _split_lists(cls, data: object) -> object:
-        if isinstance(data, dict):
-            for key in ("owner_user_ids", "bot_api_keys", "cors_origins"):
-                for variant in (key, key.upper()):
-                    if variant in data:
-                        data[variant] = _split_csv(data[variant])
-        return data
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        url = self.database_url
+    def _asyncpg_driver(cls, url: str) -> str:
         for prefix in ("postgres://", "postgresql://"):
             if url.startswith(prefix):
-                object.__setattr__(
-                    self, "database_url", "postgresql+asyncpg://" + url.removeprefix(prefix)
-                )
-        if self.supabase_url:
-            object.__setattr__(self, "supabase_url", self.supabase_url.rstrip("/"))
-        for name_key in self.bot_api_keys:
-            name, sep, key = name_key.partition(":")
-            if not sep or not name or not BOT_KEY_RE.fullmatch(key):
-                raise ValueError("BOT_API_KEYS entries must be name:cgk_<43 url-safe chars>")
-        try:
-            owners = [str(uuid.UUID(u)) for u in self.owner_user_ids]
-        except ValueError:
-            raise ValueError("OWNER_USER_IDS entries must be Supabase user UUIDs") from None
-        object.__setattr__(self, "owner_user_ids", owners)
+                return "postgresql+asyncpg://" + url.removeprefix(prefix)
+        return url
+
+    @field_validator("supabase_url")
+    @classmethod
+    def _no_trailing_slash(cls, url: str) -> str:
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _can_verify_tokens(self) -> Self:
         if self.environment == "production" and not (self.jwks_url or self.supabase_jwt_secret):
             raise ValueError(
                 "production needs SUPABASE_URL, SUPABASE_JWKS_URL or SUPABASE_JWT_SECRET "

@@ -169,9 +169,8 @@ def main() -> None:
 
     from alembic import command
 
-    from app import alembic_config
     from cli import mint_dev_token
-    from routes import encode_cursor
+    from db import alembic_config, encode_cursor
     from settings import Settings
 
     name = args.database or f"channelgate_bench_analytics_{os.getpid()}"
@@ -233,7 +232,7 @@ def main() -> None:
                 f"/api/v1/verifications?limit=50&cursor={cursor}", "log_deep", None),
         }  # fmt: skip
         results: list[tuple[str, dict[str, float], dict[str, float]]] = []
-        with server("app:app", 8303, env) as base:
+        with server("app:create_app", 8303, env) as base:
             client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"})
             for label, (path, _, _) in endpoints.items():
                 response = client.get(path)

@@ -41,8 +41,10 @@ def log(message: str) -> None:
 
 @contextmanager
 def server(module: str, port: int, env: dict[str, str]):
+    """uvicorn serving `module` ("app:create_app" is called as a factory)."""
+    factory = ["--factory"] if module.endswith(":create_app") else []
     command = [
-        sys.executable, "-m", "uvicorn", module, "--port", str(port), "--workers", "1",
+        sys.executable, "-m", "uvicorn", *factory, module, "--port", str(port), "--workers", "1",
         "--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--no-access-log",
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
@@ -167,10 +169,9 @@ async def driver_ceiling(dsn: str, batches: list[list[dict[str, Any]]], clients:
 async def setup(url: str) -> str:
     from sqlalchemy import insert
 
-    from auth import Principal
+    from auth import Principal, issue_bot_key
     from db import Database
     from models import Channel, Group, GroupChannel
-    from routes import create_key
     from settings import Settings
 
     db = Database(Settings(_env_file=None, database_url=url))  # pyrefly: ignore[unexpected-keyword]
@@ -194,9 +195,9 @@ async def setup(url: str) -> str:
             ],
         )
         await session.commit()
-        key = (
-            await create_key(session, Principal(kind="staff", id="bench", name="bench"), "bench")
-        ).key
+        bench = Principal(kind="staff", id="bench", name="bench")
+        key = (await issue_bot_key(session, bench, "bench")).key
+        await session.commit()
     await db.dispose()
     return key
 
@@ -213,7 +214,7 @@ def main() -> None:
 
     from alembic import command
 
-    from app import alembic_config
+    from db import alembic_config
 
     name = f"channelgate_bench_{os.getpid()}"
     admin = args.admin_url
@@ -225,7 +226,7 @@ def main() -> None:
         key = asyncio.run(setup(url))
         env = {"DATABASE_URL": url, "LOG_LEVEL": "warning", "ENVIRONMENT": "development"}
         results: dict[str, Any] = {}
-        with server("app:app", 8301, env) as base:
+        with server("app:create_app", 8301, env) as base:
             policy_url = f"{base}/api/v1/bot/groups/{GROUP}/policy"
             body = httpx.get(policy_url, headers={"Authorization": f"Bearer {key}"}).content
             (RESULTS / "policy.json").write_bytes(body)

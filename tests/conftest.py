@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app import alembic_config, create_app
+from app import Services, create_app
+from db import alembic_config
 from models import Staff, metadata
 from settings import Settings
 
@@ -212,8 +213,12 @@ class Harness:
         self.tokens = tokens
 
     @property
+    def services(self) -> Services:
+        return self.app.state.services
+
+    @property
     def sessionmaker(self) -> Any:
-        return self.app.state.db.sessionmaker
+        return self.services.db.sessionmaker
 
     async def add_staff(self, role: str, user_id: str | None = None) -> dict[str, str]:
         """A staff member in the database; returns their Authorization header."""

@@ -650,7 +650,7 @@ async def test_purge_deletes_old_events_and_keeps_the_rollups(
     }
     assert after == before
     # A second run finds nothing left to delete.
-    assert await cli._purge(harness.app.state.settings, 7, 100) == 0
+    assert await cli._purge(harness.services.settings, 7, 100) == 0
 
 
 async def test_concurrent_batches_count_once(harness: Harness, bot, viewer):

@@ -182,7 +182,7 @@ async def test_policy_change_reaches_another_replica(
     async for other in start_harness(database_url, jwks_server.url, tokens):
         # Wait until the second replica LISTENs, then warm its cache.
         for _ in range(100):
-            if other.app.state.policies is not None and await _listening(other):
+            if other.services.policies is not None and await _listening(other):
                 break
             await asyncio.sleep(0.05)
         assert (await policy(other.client, bot)).json()["mode"] == "all"

@@ -167,11 +167,11 @@ async def test_revoke_stops_the_key_at_once(harness: Harness, owner):
     # Both keys are used first, so they sit in the in-process cache when one is revoked.
     for key in (created["key"], other["key"]):
         assert (await client.get(PROBE, headers=bearer(key))).status_code == 200
-    assert harness.app.state.auth.bot_keys.get(hash_key(created["key"])) is not None
+    assert harness.services.auth.bot_keys.get(hash_key(created["key"])) is not None
 
     response = await client.delete(f"/api/v1/bot-keys/{created['id']}", headers=owner)
     assert response.status_code == 204 and response.content == b""
-    assert harness.app.state.auth.bot_keys.get(hash_key(created["key"])) is None
+    assert harness.services.auth.bot_keys.get(hash_key(created["key"])) is None
 
     denied = problem(await client.get(PROBE, headers=bearer(created["key"])), 401)
     assert denied["detail"] == "unknown or revoked bot key"

@@ -17,13 +17,13 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import fastapi.routing
 import httpx
 import pytest
 import uvicorn
 from sqlalchemy import text
 
 import feed as feed_module
-import routes
 from feed import Feed
 from tests.conftest import Harness, JWKSServer, Tokens, problem, start_harness
 
@@ -87,6 +87,13 @@ async def served(harness: Harness) -> AsyncGenerator[httpx.AsyncClient]:
         sock.close()
 
 
+def dropped(harness: Harness) -> float | None:
+    """channelgate_feed_dropped_total of the harness app, as a scrape would read it."""
+    registry = harness.services.metrics.registry
+    assert registry is not None
+    return registry.get_sample_value("channelgate_feed_dropped_total")
+
+
 class SSE:
     """Reads one server-sent-events stream message by message."""
 
@@ -133,11 +140,11 @@ async def subscribe(
 async def listening(harness: Harness, replicas: int = 1) -> None:
     """On PostgreSQL, wait until this many processes LISTEN for the feed: even the replica
     that made a change hears about it only through NOTIFY."""
-    if not harness.app.state.db.is_postgres:
+    if not harness.services.db.is_postgres:
         return
     query = text(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND query LIKE 'LISTEN%channelgate_feed%'"
+        """ AND query = 'LISTEN "channelgate"'"""
     )
     async with asyncio.timeout(WAIT):
         while True:
@@ -180,13 +187,13 @@ async def test_a_full_batch_arrives_whole(harness: Harness, bot, viewer):
     """1000 events in one batch: announced in several NOTIFY payloads on PostgreSQL (8000-byte
     limit); each subscriber queue holds them all."""
     await listening(harness)
-    feed: Feed = harness.app.state.feed
+    feed: Feed = harness.services.feed
     async with served(harness) as http, subscribe(http, viewer) as stream:
         batch = [event(user_id=i + 1) for i in range(1000)]
         await post_events(harness, bot, batch)
         got = [(await stream.next("verification"))["event_id"] for _ in batch]
         assert sorted(got) == sorted(e["event_id"] for e in batch)
-        assert feed.dropped == 0
+        assert dropped(harness) == 0
 
 
 async def test_audit_event_after_a_dashboard_write(harness: Harness, editor, viewer, owner):
@@ -205,14 +212,14 @@ async def test_audit_event_after_a_dashboard_write(harness: Harness, editor, vie
 
 
 async def test_keep_alive_comment(harness: Harness, viewer, monkeypatch):
-    monkeypatch.setattr(routes, "KEEPALIVE_SECONDS", 0.1)
+    monkeypatch.setattr(fastapi.routing, "_PING_INTERVAL", 0.1)  # read from there
     async with served(harness) as http, subscribe(http, viewer) as stream:
-        assert await stream.message() == {"comment": "keep-alive"}
-        assert await stream.message() == {"comment": "keep-alive"}
+        assert await stream.message() == {"comment": "ping"}
+        assert await stream.message() == {"comment": "ping"}
 
 
 async def test_keep_alive_is_15_seconds():
-    assert routes.KEEPALIVE_SECONDS == 15
+    assert fastapi.routing._PING_INTERVAL == 15
 
 
 # ---------------------------------------------------------------- who may subscribe
@@ -282,12 +289,12 @@ async def test_refused_subscribers(
             assert body["detail"] == detail
         if status == 401:
             assert response.headers["www-authenticate"].startswith("Bearer")
-    assert harness.app.state.feed.subscribers == set()
+    assert harness.services.feed.subscribers == set()
 
 
 async def test_subscriber_limit_is_503(harness: Harness, viewer, monkeypatch):
     monkeypatch.setattr(feed_module, "MAX_SUBSCRIBERS", 1)
-    feed: Feed = harness.app.state.feed
+    feed: Feed = harness.services.feed
     taken = feed.subscribe()
     assert taken is not None
     response = await harness.client.get(EVENTS, headers=viewer)
@@ -318,12 +325,12 @@ async def test_events_reach_a_subscriber_on_another_replica(
             assert patch.status_code == 201, patch.text
             audit = await stream.next("audit", lambda a: a["action"] == "group.create")
             assert audit["resource_id"] == "-1001000000002"
-        assert other.app.state.feed.subscribers == set()
+        assert other.services.feed.subscribers == set()
 
 
 async def test_a_full_queue_drops_and_counts(harness: Harness, monkeypatch):
     monkeypatch.setattr(feed_module, "QUEUE_SIZE", 3)
-    feed: Feed = harness.app.state.feed
+    feed: Feed = harness.services.feed
     slow, fast = feed.subscribe(), feed.subscribe()
     assert slow is not None and fast is not None
     received = []
@@ -334,7 +341,7 @@ async def test_a_full_queue_drops_and_counts(harness: Harness, monkeypatch):
             received.append(json.loads(fast.queue.get_nowait()[1])["n"])
     # The fast reader lost nothing; the slow one kept the oldest 3 and lost 2, counted.
     assert received == [0, 1, 2, 3, 4]
-    assert (fast.dropped, slow.dropped, feed.dropped) == (0, 2, 2)
+    assert (fast.dropped, slow.dropped, dropped(harness)) == (0, 2, 2)
     assert [json.loads(slow.queue.get_nowait()[1])["n"] for _ in range(3)] == [0, 1, 2]
     feed.unsubscribe(slow)
     feed.unsubscribe(fast)
@@ -343,11 +350,11 @@ async def test_a_full_queue_drops_and_counts(harness: Harness, monkeypatch):
 
 async def test_a_slow_subscriber_is_told_what_it_lost(harness: Harness, viewer, monkeypatch):
     monkeypatch.setattr(feed_module, "QUEUE_SIZE", 2)
-    feed: Feed = harness.app.state.feed
+    feed: Feed = harness.services.feed
     async with served(harness) as http, subscribe(http, viewer) as stream:
         for i in range(5):  # at once: the stream cannot drain between these
             feed.publish("verification", json.dumps({"n": i}))
-        assert feed.dropped == 3
+        assert dropped(harness) == 3
         assert await stream.message() == {"event": "dropped", "data": {"count": 3}}
         assert await stream.message() == {"event": "verification", "data": {"n": 0}}
         assert await stream.message() == {"event": "verification", "data": {"n": 1}}
@@ -356,10 +363,10 @@ async def test_a_slow_subscriber_is_told_what_it_lost(harness: Harness, viewer, 
 
 
 async def test_disconnect_removes_the_subscriber(harness: Harness, viewer):
-    feed: Feed = harness.app.state.feed
+    feed: Feed = harness.services.feed
     async with served(harness) as http:
         async with subscribe(http, viewer), subscribe(http, viewer):
             assert len(feed.subscribers) == 2
         await eventually(lambda: not feed.subscribers)
         feed.publish("verification", "{}")  # nobody left to queue it for
-        assert feed.dropped == 0
+        assert dropped(harness) == 0

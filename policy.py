@@ -1,0 +1,193 @@
+"""The bot's hot path: a group's policy, served from memory, with `ETag` / `If-None-Match`.
+
+The policy is built once from the database and kept, serialized, until something in it
+changes: a write says so with `changed(session, chat_id)` inside its transaction, and the
+commit hooks drop the entry here at once and on every replica through NOTIFY (see db.py).
+A generation counter keeps a read that raced a change from caching what it read.
+
+`endpoint` serves `GET /api/v1/bot/groups/{chat_id}/policy` as a bare ASGI route mounted
+ahead of its documented FastAPI twin: dependency solving, Request objects and route
+matching were most of the hot path's cost (measured in bench/README.md).
+"""
+
+from fastapi import HTTPException
+from fastapi.responses import Response
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col, select
+from starlette.requests import HTTPConnection
+from starlette.routing import Match, Route
+from starlette.types import Receive, Scope, Send
+
+from auth import AuthState, auth_state, authenticate_bot
+from db import INT64, POLICY, Database, announce
+from models import SETTING_FIELDS, Channel, ChannelRef, Group, GroupChannel, Policy, invalid
+
+MAX_ENTRIES = 100_000
+PATH = "/api/v1/bot/groups/{chat_id}/policy"
+
+Entry = tuple[bytes, str] | None  # (serialized policy, ETag), or None for "no such group"
+
+
+def changed(session: AsyncSession, *chat_ids: int) -> None:
+    """These groups' policies change when the session commits: drop them from every cache."""
+    announce(session, POLICY, chat_ids)
+
+
+async def linked_channels(session: AsyncSession, group_id: int) -> list[ChannelRef]:
+    rows = await session.scalars(
+        select(Channel)
+        .join(GroupChannel, col(GroupChannel.channel_id) == Channel.id)
+        .where(GroupChannel.group_id == group_id)
+        .order_by(col(GroupChannel.position))
+    )
+    return [ChannelRef.model_validate(c, from_attributes=True) for c in rows]
+
+
+async def build(session: AsyncSession, chat_id: int) -> Entry:
+    group = await session.scalar(select(Group).where(Group.chat_id == chat_id))
+    if group is None:
+        return None
+    assert group.id is not None
+    policy = Policy.model_validate(
+        {
+            **group.model_dump(include=set(SETTING_FIELDS)),
+            "chat_id": group.chat_id,
+            "active": group.is_active,
+            "version": group.version,
+            "channels": await linked_channels(session, group.id),
+        }
+    )
+    # The row id makes a deleted-and-recreated group's ETag differ from the old one.
+    return policy.model_dump_json().encode(), f'"{group.id}.{group.version}"'
+
+
+class Policies:
+    """chat id -> Entry, dropped after every committed change to a group, its links or a
+    linked channel."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.entries: dict[int, Entry] = {}
+        self.generation = 0
+        db.on(POLICY, lambda chat_ids: self.invalidate(*map(int, chat_ids)))
+
+    def invalidate(self, *chat_ids: int) -> None:
+        self.generation += 1
+        for chat_id in chat_ids:
+            self.entries.pop(chat_id, None)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self.entries.clear()
+
+    async def get(self, chat_id: int, session: AsyncSession | None = None) -> Entry:
+        """The cached entry, or one built now (through `session` if the caller has one: a
+        route never waits for a second connection while holding its own)."""
+        try:
+            return self.entries[chat_id]
+        except KeyError:
+            generation = self.generation
+            if session is not None:
+                entry = await build(session, chat_id)
+            else:
+                async with self.db.sessionmaker() as own:
+                    entry = await build(own, chat_id)
+            if generation == self.generation:
+                if len(self.entries) >= MAX_ENTRIES:
+                    self.entries.clear()
+                self.entries[chat_id] = entry
+            return entry
+
+
+def policies(connection: HTTPConnection) -> Policies:
+    return connection.app.state.services.policies
+
+
+def etag_matches(if_none_match: str, tag: str) -> bool:
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return tag in tags or "*" in tags
+
+
+def answer(entry: Entry, chat_id: int, status: int = 200) -> Response:
+    """The policy as a bot write route answers it."""
+    if entry is None:
+        raise HTTPException(404, f"group {chat_id} not found")
+    body, tag = entry
+    return Response(body, status, headers={"ETag": tag}, media_type="application/json")
+
+
+def chat_id_of(raw: str) -> int:
+    """The path's chat id, read by hand: 422 unless a 64-bit integer."""
+    try:
+        value = int(raw)
+        if -INT64 <= value <= INT64:
+            return value
+    except ValueError:
+        pass
+    raise invalid(("path", "chat_id"), "must be a 64-bit integer", "int_parsing")
+
+
+JSON_TYPE = (b"content-type", b"application/json")
+
+
+async def serve(scope: Scope, send: Send, auth: AuthState, cache: Policies) -> None:
+    """The whole hot path: bot key, cached policy, 304 or 200. Errors are raised to the
+    app's problem+json handlers."""
+    authorization = if_none_match = b""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value
+        elif name == b"if-none-match":
+            if_none_match = value
+    await authenticate_bot(auth, authorization.decode("latin-1"), scope["state"].get("request_id"))
+    chat_id = chat_id_of(scope["path_params"]["chat_id"])
+    entry = await cache.get(chat_id)
+    if entry is None:
+        raise HTTPException(404, f"group {chat_id} not found")
+    body, tag = entry
+    if if_none_match and etag_matches(if_none_match.decode("latin-1"), tag):
+        headers = [(b"etag", tag.encode())]
+        await send({"type": "http.response.start", "status": 304, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    headers = [JSON_TYPE, (b"content-length", str(len(body)).encode()), (b"etag", tag.encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class HotRoute(Route):
+    """The bare route: like FastAPI's routes it names itself in the scope, so the access
+    log and metrics label it by its template."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            child["route"] = self
+        return match, child
+
+
+class Endpoint:
+    """`serve` as an ASGI app (Starlette would wrap a plain function in a Request)."""
+
+    def __init__(self, auth: AuthState, cache: Policies) -> None:
+        self.auth = auth
+        self.cache = cache
+
+    async def __call__(self, scope: Scope, _receive: Receive, send: Send) -> None:
+        await serve(scope, send, self.auth, self.cache)
+
+
+def route(auth: AuthState, cache: Policies) -> HotRoute:
+    return HotRoute(PATH, Endpoint(auth, cache), methods=["GET"])
+
+
+class Answer(Response):
+    """What the documented FastAPI twin returns: the same hot path, so the twin (only ever
+    reached if the bare route were not mounted) cannot drift from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        connection = HTTPConnection(scope)
+        await serve(scope, send, auth_state(connection), policies(connection))
