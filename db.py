@@ -69,7 +69,7 @@ from settings import Settings
 
 log = logging.getLogger("channelgate.db")
 PG_DIALECT = postgresql.dialect()
-INT64 = 2**63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 # ---------------------------------------------------------------- engine, sessions, topics
 
@@ -313,7 +313,8 @@ PageQuery = Annotated[PageParams, Query()]
 @dataclass(frozen=True)
 class Keyset:
     """A list's order: `columns` (unique together, the last one a tiebreaker), one
-    direction, and a `name` bound into its cursors."""
+    direction, and a `name` (the list's and the order's) bound into its cursors, so that a
+    cursor of one list or order is refused by every other."""
 
     name: str
     columns: tuple[Any, ...]
@@ -358,7 +359,7 @@ def _cursor_value(kind: type, value: object) -> Any:
     elif kind is uuid.UUID and isinstance(value, str):
         return uuid.UUID(value)
     elif kind is int and type(value) is int:
-        if -INT64 <= value <= INT64:
+        if INT64_MIN <= value <= INT64_MAX:
             return value
     elif kind is str and isinstance(value, str) and "\x00" not in value:
         return value

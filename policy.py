@@ -19,7 +19,7 @@ from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from auth import AuthState, auth_state, authenticate_bot
-from db import INT64, POLICY, Database, announce
+from db import INT64_MAX, INT64_MIN, POLICY, Database, announce
 from models import SETTING_FIELDS, Channel, ChannelRef, Group, GroupChannel, Policy, invalid
 
 MAX_ENTRIES = 100_000
@@ -120,7 +120,7 @@ def chat_id_of(raw: str) -> int:
     """The path's chat id, read by hand: 422 unless a 64-bit integer."""
     try:
         value = int(raw)
-        if -INT64 <= value <= INT64:
+        if INT64_MIN <= value <= INT64_MAX:
             return value
     except ValueError:
         pass

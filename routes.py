@@ -50,7 +50,17 @@ from auth import (
     issue_bot_key,
     snapshot,
 )
-from db import INT64, Keyset, PageQuery, SessionDep, count, database, paginate, upsert
+from db import (
+    INT64_MAX,
+    INT64_MIN,
+    Keyset,
+    PageQuery,
+    SessionDep,
+    count,
+    database,
+    paginate,
+    upsert,
+)
 from feed import Subscriber, subscription
 from ingest import ingest, move_members, recount_members
 from metrics import metrics_of
@@ -121,8 +131,8 @@ live = APIRouter(prefix="/api/v1", dependencies=[Depends(feed_staff)])
 bot = APIRouter(prefix="/api/v1/bot", tags=["bot"], dependencies=[Depends(bot_caller)])
 service = APIRouter(tags=["service"])
 
-ChatIdPath = Annotated[int, Path(ge=-INT64, le=INT64)]
-ChannelIdPath = Annotated[int, Path(ge=-INT64, le=INT64)]
+ChatIdPath = Annotated[int, Path(ge=INT64_MIN, le=INT64_MAX)]
+ChannelIdPath = Annotated[int, Path(ge=INT64_MIN, le=INT64_MAX)]
 NewGroupIdPath = Annotated[GroupChatId, Path()]
 NewChannelIdPath = Annotated[ChannelChatId, Path()]
 Search = Annotated[str | None, Query(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
@@ -168,7 +178,7 @@ def search(model: type[Group] | type[Channel], q: str) -> ColumnElement[bool]:
         col(model.title).icontains(q, autoescape=True),
         col(model.username).icontains(q.removeprefix("@"), autoescape=True),
     ]
-    if CHAT_ID_RE.fullmatch(q) and abs(int(q)) <= INT64:
+    if CHAT_ID_RE.fullmatch(q) and INT64_MIN <= int(q) <= INT64_MAX:
         match.append(col(model.chat_id) == int(q))
     return or_(*match)
 
@@ -373,10 +383,13 @@ async def read_me(staff: CurrentStaff) -> Me:
 
 GroupSort = Literal["title", "-title", "created_at", "-created_at"]
 GROUP_ORDERS = {
-    sort: Keyset(sort, (col(Group.title if "title" in sort else Group.created_at), col(Group.id)),
-                 descending=sort.startswith("-"))
+    sort: Keyset(
+        f"groups:{sort}",
+        (col(Group.title if "title" in sort else Group.created_at), col(Group.id)),
+        descending=sort.startswith("-"),
+    )
     for sort in ("title", "-title", "created_at", "-created_at")
-}  # fmt: skip
+}
 
 
 @dashboard.get("/groups", response_model=CountedPage[GroupSummary], tags=["groups"])
@@ -488,7 +501,7 @@ async def unlink_group_channel(
     await session.commit()
 
 
-MEMBER_ORDER = Keyset("user_id", (col(Member.user_id),))
+MEMBER_ORDER = Keyset("members:user_id", (col(Member.user_id),))
 
 
 @dashboard.get("/groups/{chat_id}/members", response_model=Page[MemberPublic], tags=["groups"])
@@ -509,7 +522,9 @@ async def list_members(
 
 # ---------------------------------------------------------------- channels
 
-CHANNEL_ORDER = Keyset("-created_at", (col(Channel.created_at), col(Channel.id)), descending=True)
+CHANNEL_ORDER = Keyset(
+    "channels:-created_at", (col(Channel.created_at), col(Channel.id)), descending=True
+)
 
 
 @dashboard.get("/channels", response_model=CountedPage[ChannelSummary], tags=["channels"])
@@ -631,7 +646,9 @@ def verification_filters(
 
 VerificationFilters = Annotated[list[ColumnElement[bool]], Depends(verification_filters)]
 LOG_ORDER = Keyset(
-    "-occurred_at", (col(Verification.occurred_at), col(Verification.id)), descending=True
+    "verifications:-occurred_at",
+    (col(Verification.occurred_at), col(Verification.id)),
+    descending=True,
 )
 
 
@@ -823,7 +840,7 @@ async def stream_events(
 
 # ---------------------------------------------------------------- audit
 
-AUDIT_ORDER = Keyset("-at", (col(AuditLog.at), col(AuditLog.id)), descending=True)
+AUDIT_ORDER = Keyset("audit:-at", (col(AuditLog.at), col(AuditLog.id)), descending=True)
 
 
 @dashboard.get("/audit", response_model=Page[AuditPublic], tags=["audit"])
@@ -893,7 +910,7 @@ async def list_staff(
     """Everyone who can use the dashboard, with their role."""
     env_owners = auth_state(request).owner_ids
     listing = staff_listing(env_owners)
-    order = Keyset("staff", (listing.c.rank, listing.c.sort_at, listing.c.user_id))
+    order = Keyset("staff:created_at", (listing.c.rank, listing.c.sort_at, listing.c.user_id))
     statement = select(listing)
     total = await count(session, statement)
     rows, next_cursor = await paginate(session, statement, order, page)
@@ -972,7 +989,7 @@ async def delete_staff(
 
 # ---------------------------------------------------------------- bot keys
 
-KEY_ORDER = Keyset("-id", (col(BotKey.id),), descending=True)
+KEY_ORDER = Keyset("bot_keys:-id", (col(BotKey.id),), descending=True)
 
 
 @dashboard.get("/bot-keys", response_model=CountedPage[BotKeyPublic], tags=["bot keys"])
@@ -1016,7 +1033,7 @@ async def revoke_bot_key(
 
 # ---------------------------------------------------------------- bots
 
-BOT_ORDER = Keyset("instance_id", (col(BotInstance.instance_id),))
+BOT_ORDER = Keyset("bots:instance_id", (col(BotInstance.instance_id),))
 
 
 @dashboard.get("/bots", response_model=CountedPage[BotInstancePublic], tags=["bots"])

@@ -210,7 +210,7 @@ def main() -> None:
             )
             await connection.close()
             assert row is not None
-            return encode_cursor("-occurred_at", [row["occurred_at"], row["id"]])
+            return encode_cursor("verifications:-occurred_at", [row["occurred_at"], row["id"]])
 
         cursor = asyncio.run(deep_cursor())
 
