@@ -7,7 +7,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -295,40 +295,33 @@ def problem(response: httpx.Response, status: int) -> dict[str, Any]:
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# ---------------------------------------------------------------- table-driven tests
+# ---------------------------------------------------------------- tables and their checks
 
 
 SAME = object()
 
 
 def b64(value: Any) -> str:
+    """Unpadded URL-safe base64 of these bytes, or of this value as JSON (cursors, tokens)."""
     raw = value if isinstance(value, bytes) else json.dumps(value).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def names_field(body: dict, *loc: Any) -> bool:
+    """Whether one of a 422's `errors` is at `loc` (or under it)."""
     return any(e["loc"][: len(loc)] == list(loc) for e in body["errors"])
 
 
 def case(field: str, value: Any, name: str | None = None) -> tuple[str, str, Any]:
+    """A row of a table of refused values: (subtest label, field, value)."""
     return (f"{field}={name or repr(value)}", field, value)
 
 
 def valid(
     field: str, value: Any, expected: Any = SAME, name: str | None = None
 ) -> tuple[str, str, Any, Any]:
+    """A row of a table of accepted values: (subtest label, field, value, value as stored)."""
     return (f"{field}={name or repr(value)}", field, value, value if expected is SAME else expected)
-
-
-async def each(cases: Iterable[tuple], check: Callable[..., Awaitable[None]]) -> None:
-    """Run `check` on every row of a table (one app for all: fast), then report every failure."""
-    failures = []
-    for label, *args in cases:
-        try:
-            await check(*args)
-        except AssertionError as error:
-            failures.append(f"{label}: {error}".splitlines()[0])
-    assert not failures, "\n".join(failures)
 
 
 async def audit_log(client: httpx.AsyncClient, owner: dict[str, str]) -> list[dict]:

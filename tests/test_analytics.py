@@ -21,6 +21,16 @@ import cli
 from models import LATENCY_EDGES_MS
 from settings import get_settings
 from tests.conftest import Harness, problem
+from tests.factories import (
+    CHANNEL_ID,
+    GROUP_ID,
+    event,
+    ingest,
+    post_events,
+    register_channel,
+    register_group,
+    z,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -28,18 +38,14 @@ HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 US = timedelta(microseconds=1)
 # Three registered groups, one unregistered supergroup, one unregistered basic group.
-GROUPS = [-1001000000001, -1001000000002, -1001000000003, -1001000000004, -4242]
+GROUPS = [GROUP_ID, -1001000000002, -1001000000003, -1001000000004, -4242]
 GROUP_TITLES = {GROUPS[0]: "Alpha", GROUPS[1]: "Beta", GROUPS[2]: "Gamma"}
-CHANNELS = [-1002000000001, -1002000000002, -1002000000003]
+CHANNELS = [CHANNEL_ID, -1002000000002, -1002000000003]
 CHANNEL_TITLES = {CHANNELS[0]: "News", CHANNELS[1]: "Deals"}
 TRIGGERS = ["message", "join", "button", "channel_leave", "recheck"]
 SPECIAL_LATENCIES = [0, 1, 30000, 45000, 600000] + [
     e + d for e in LATENCY_EDGES_MS for d in (-1, 0, 1)
 ]
-
-
-def z(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def floor_hour(at: datetime) -> datetime:
@@ -52,33 +58,6 @@ def floor_day(at: datetime) -> datetime:
 
 def parse(value: str) -> datetime:
     return datetime.fromisoformat(value)
-
-
-def event(
-    chat_id: int = GROUPS[0],
-    user_id: int = 42,
-    result: str = "passed",
-    at: datetime | None = None,
-    **fields: Any,
-) -> dict[str, Any]:
-    return {
-        "event_id": str(uuid.uuid4()),
-        "chat_id": chat_id,
-        "user_id": user_id,
-        "result": result,
-        "trigger": "message",
-        "missing_channel_ids": [CHANNELS[0]] if result == "blocked" else [],
-        "cached": False,
-        "latency_ms": 120,
-        "occurred_at": z(at or datetime.now(UTC)),
-        **fields,
-    }
-
-
-async def post_events(client: httpx.AsyncClient, bot: dict, events: list[dict]) -> dict:
-    response = await client.post("/api/v1/bot/verifications", json={"events": events}, headers=bot)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 async def get(client: httpx.AsyncClient, auth: dict, path: str, **params: Any) -> httpx.Response:
@@ -251,15 +230,9 @@ def random_events(t0: datetime, rng: random.Random, count: int) -> list[dict]:
 async def dataset(harness: Harness, bot) -> Dataset:
     client = harness.client
     for chat_id, title in GROUP_TITLES.items():
-        response = await client.put(
-            f"/api/v1/bot/groups/{chat_id}", json={"title": title}, headers=bot
-        )
-        assert response.status_code == 201, response.text
+        await register_group(client, bot, chat_id, title=title)
     for chat_id, title in CHANNEL_TITLES.items():
-        response = await client.put(
-            f"/api/v1/bot/channels/{chat_id}", json={"title": title}, headers=bot
-        )
-        assert response.status_code == 201, response.text
+        await register_channel(client, bot, chat_id, title=title)
     rng = random.Random(20261126)
     t0 = floor_day(datetime.now(UTC)) - 4 * DAY
     events = random_events(t0, rng, 1500)
@@ -564,9 +537,7 @@ async def test_deleted_group_keeps_its_numbers(harness: Harness, bot, editor, vi
     client = harness.client
     gone, kept = GROUPS[0], GROUPS[1]
     for chat_id in (gone, kept):
-        await client.put(
-            f"/api/v1/bot/groups/{chat_id}", json={"title": f"G{chat_id}"}, headers=bot
-        )
+        await register_group(client, bot, chat_id, title=f"G{chat_id}")
     t = floor_hour(datetime.now(UTC)) - 3 * HOUR
     await post_events(
         client,
@@ -662,10 +633,7 @@ async def test_concurrent_batches_count_once(harness: Harness, bot, viewer):
     for batch in batches[:2]:  # rows created now get ids out of the later batches' key order
         await post_events(harness.client, bot, batch)
     responses = await asyncio.gather(
-        *[
-            harness.client.post("/api/v1/bot/verifications", json={"events": b}, headers=bot)
-            for b in [*batches[2:], batches[5], batches[6]]
-        ]
+        *[ingest(harness.client, bot, b) for b in [*batches[2:], batches[5], batches[6]]]
     )
     assert [r.status_code for r in responses] == [200] * len(responses), [
         r.text for r in responses if r.status_code != 200
@@ -698,8 +666,7 @@ async def test_unique_users_within_2_percent_where_the_estimator_switches(
     events = [
         event(GROUPS[i % 2], user, at=t + timedelta(milliseconds=i)) for i, user in enumerate(users)
     ]
-    for i in range(0, len(events), 1000):
-        await post_events(harness.client, bot, events[i : i + 1000])
+    assert await post_events(harness.client, bot, events) == {"accepted": 41_000, "duplicates": 0}
     in_group = await ok(harness.client, viewer, "summary", since=t, until=t + HOUR, group=GROUPS[0])
     assert (in_group["checks"], in_group["active_groups"]) == (20_500, 1)
     assert abs(in_group["unique_users"] - 20_500) <= 0.02 * 20_500, in_group["unique_users"]

@@ -1,6 +1,5 @@
 """Authentication and authorization: Supabase tokens, JWKS handling, staff roles, bot keys."""
 
-import base64
 import hashlib
 import hmac
 import json
@@ -25,11 +24,13 @@ from tests.conftest import (
     JWKSServer,
     Keys,
     Tokens,
+    b64,
     claims_for,
     clean_database,
     problem,
     start_harness,
 )
+from tests.factories import create_group
 
 pytestmark = pytest.mark.anyio
 
@@ -42,10 +43,6 @@ ED25519 = ed25519.Ed25519PrivateKey.generate()
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
 def forge(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
@@ -106,13 +103,8 @@ POLICY_URL = f"/api/v1/bot/groups/{GROUP_ID}/policy"
 
 
 async def policy_for_bot(harness: Harness, owner: dict[str, str]) -> str:
-    """The URL of a real bot route (a group's policy), or skip while no bot route exists."""
-    probe = await harness.client.get(POLICY_URL)
-    if probe.status_code == 404 and probe.json()["detail"].startswith("no route for"):
-        pytest.skip("no /api/v1/bot/* routes exist yet")
-    group = {"chat_id": GROUP_ID, "title": "Bot group"}
-    created = await harness.client.post("/api/v1/groups", json=group, headers=owner)
-    assert created.status_code == 201, created.text
+    """The URL of a real bot route: the policy of a group created for it."""
+    await create_group(harness.client, owner, GROUP_ID, title="Bot group")
     return POLICY_URL
 
 
@@ -518,9 +510,7 @@ async def test_aal2_required_for_owner_routes(
             assert (await h.client.get("/api/v1/staff", headers=aal2)).status_code == 200
         # editor and viewer routes do not need aal2, not even for owners
         aal1 = h.auth(ENV_OWNER)
-        group = {"chat_id": GROUP_ID, "title": "Group"}
-        created = await h.client.post("/api/v1/groups", json=group, headers=aal1)
-        assert created.status_code == 201, created.text
+        await create_group(h.client, aal1, GROUP_ID)
         viewer = await h.add_staff("viewer")
         for headers in (aal1, viewer):
             assert (await h.client.get("/api/v1/groups", headers=headers)).status_code == 200
@@ -532,8 +522,7 @@ async def test_role_comes_from_database_at_each_request(harness: Harness) -> Non
     user_id = str(uuid.uuid4())
     editor = await harness.add_staff("editor", user_id)
     owner = harness.auth(ENV_OWNER)
-    group = {"chat_id": GROUP_ID, "title": "Group"}
-    assert (await harness.client.post("/api/v1/groups", json=group, headers=editor)).is_success
+    await create_group(harness.client, editor, GROUP_ID)
     put = await harness.client.put(
         f"/api/v1/staff/{user_id}", json={"role": "viewer"}, headers=owner
     )
@@ -733,10 +722,7 @@ async def test_bot_routes_take_only_bot_keys(
     async def call(headers: dict[str, str]) -> httpx.Response:
         return await harness.client.request(method, path, json=body, headers=headers)
 
-    probe = await call({})
-    if probe.status_code == 404 and probe.json()["detail"].startswith("no route for"):
-        pytest.skip(f"{method} {path} does not exist yet")
-    unauthorized(probe, "missing bot key")
+    unauthorized(await call({}), "missing bot key")
     for token in (tokens.mint(ENV_OWNER), tokens.mint(ENV_OWNER, alg="HS256")):
         unauthorized(await call(bearer(token)), BOT_KEY_NEEDED)
     response = await call(bearer(ENV_BOT_KEY))

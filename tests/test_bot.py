@@ -1,8 +1,7 @@
 """Bot API: the policy hot path and its cache, registration, migration, ingestion, members."""
 
 import asyncio
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -12,12 +11,25 @@ from sqlmodel import col
 
 from models import Member, Verification
 from tests.conftest import Harness, JWKSServer, Tokens, problem, start_harness
+from tests.factories import (
+    CHANNEL_ID,
+    GROUP_ID,
+    create_group,
+    event,
+    eventually,
+    ingest,
+    listening,
+    post_events,
+    register_channel,
+    register_group,
+    z,
+)
 
 pytestmark = pytest.mark.anyio
 
-GROUP = -1001111111111
+GROUP = GROUP_ID
 GROUP2 = -1002222222222
-CHANNEL = -1003333333333
+CHANNEL = CHANNEL_ID
 CHANNEL2 = -1004444444444
 
 
@@ -25,46 +37,8 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def event(
-    chat_id: int = GROUP,
-    user_id: int = 42,
-    result: str = "passed",
-    at: datetime | None = None,
-    **fields: Any,
-) -> dict[str, Any]:
-    return {
-        "event_id": str(uuid.uuid4()),
-        "chat_id": chat_id,
-        "user_id": user_id,
-        "result": result,
-        "trigger": "message",
-        "missing_channel_ids": [CHANNEL] if result == "blocked" else [],
-        "cached": False,
-        "latency_ms": 120,
-        "occurred_at": (at or now()).isoformat(),
-        **fields,
-    }
-
-
-async def register(client: httpx.AsyncClient, bot: dict, chat_id: int = GROUP) -> httpx.Response:
-    return await client.put(f"/api/v1/bot/groups/{chat_id}", json={"title": "G"}, headers=bot)
-
-
-async def register_channel(client: httpx.AsyncClient, bot: dict, chat_id: int = CHANNEL) -> None:
-    response = await client.put(
-        f"/api/v1/bot/channels/{chat_id}",
-        json={"title": "News", "username": "news_chan"},
-        headers=bot,
-    )
-    assert response.status_code in (200, 201), response.text
-
-
 async def policy(client: httpx.AsyncClient, bot: dict, chat_id: int = GROUP) -> httpx.Response:
     return await client.get(f"/api/v1/bot/groups/{chat_id}/policy", headers=bot)
-
-
-async def ingest(client: httpx.AsyncClient, bot: dict, events: list[dict]) -> httpx.Response:
-    return await client.post("/api/v1/bot/verifications", json={"events": events}, headers=bot)
 
 
 async def count(harness: Harness, model: Any, *where: Any) -> int:
@@ -77,12 +51,12 @@ async def count(harness: Harness, model: Any, *where: Any) -> int:
 
 async def test_register_group_then_policy(client: httpx.AsyncClient, bot):
     problem(await policy(client, bot), 404)
-    created = await register(client, bot)
+    created = await register_group(client, bot)
     assert created.status_code == 201
     body = created.json()
     assert body["chat_id"] == GROUP and body["active"] is True and body["channels"] == []
     assert body["mode"] == "all" and body["recheck_seconds"] == 600 and body["version"] == 1
-    again = await register(client, bot)
+    again = await register_group(client, bot, status=200)
     assert again.status_code == 200 and again.json() == body
     read = await policy(client, bot)
     assert read.status_code == 200 and read.json() == body
@@ -90,7 +64,7 @@ async def test_register_group_then_policy(client: httpx.AsyncClient, bot):
 
 
 async def test_if_none_match_gives_304_until_something_changes(client, bot, editor):
-    await register(client, bot)
+    await register_group(client, bot)
     tag = (await policy(client, bot)).headers["etag"]
     url = f"/api/v1/bot/groups/{GROUP}/policy"
     not_modified = await client.get(url, headers={**bot, "If-None-Match": tag})
@@ -103,7 +77,7 @@ async def test_if_none_match_gives_304_until_something_changes(client, bot, edit
 
 
 async def test_policy_cache_is_invalidated_by_every_kind_of_change(client, bot, editor):
-    await register(client, bot)
+    await register_group(client, bot)
     await register_channel(client, bot)
     seen = [(await policy(client, bot)).json()]
 
@@ -148,14 +122,14 @@ async def test_policy_cache_is_invalidated_by_every_kind_of_change(client, bot, 
     # dashboard: delete, then re-create (a cached 404 must not survive either)
     await client.delete(f"/api/v1/groups/{GROUP}", headers=editor)
     problem(await policy(client, bot), 404)
-    await client.post("/api/v1/groups", json={"chat_id": GROUP, "title": "G"}, headers=editor)
+    await create_group(client, editor, GROUP)
     recreated = await policy(client, bot)
     assert recreated.status_code == 200
     assert recreated.headers["etag"] not in {None, ""}
 
 
 async def test_unrelated_channel_change_keeps_policy_version(client, bot, editor):
-    await register(client, bot)
+    await register_group(client, bot)
     await register_channel(client, bot, CHANNEL2)
     before = await policy(client, bot)
     await client.patch(f"/api/v1/channels/{CHANNEL2}", json={"title": "Other"}, headers=editor)
@@ -164,12 +138,11 @@ async def test_unrelated_channel_change_keeps_policy_version(client, bot, editor
 
 
 async def test_member_count_refresh_is_not_a_new_version(client, bot):
-    await register(client, bot)
+    await register_group(client, bot)
     tag = (await policy(client, bot)).headers["etag"]
-    response = await client.put(
-        f"/api/v1/bot/groups/{GROUP}", json={"title": "G", "member_count": 1234}, headers=bot
-    )
-    assert response.status_code == 200 and response.headers["etag"] == tag
+    response = await register_group(client, bot, status=200, member_count=1234)
+    assert response.headers["etag"] == tag
+    assert response.json()["version"] == 1
 
 
 async def test_policy_change_reaches_another_replica(
@@ -178,30 +151,16 @@ async def test_policy_change_reaches_another_replica(
     if not database_url.startswith("postgresql"):
         pytest.skip("cross-replica invalidation rides on PostgreSQL NOTIFY")
     client = harness.client
-    await register(client, bot)
+    await register_group(client, bot)
     async for other in start_harness(database_url, jwks_server.url, tokens):
-        # Wait until the second replica LISTENs, then warm its cache.
-        for _ in range(100):
-            if other.services.policies is not None and await _listening(other):
-                break
-            await asyncio.sleep(0.05)
+        await listening(harness, replicas=2)  # both replicas LISTEN; now warm the other's cache
         assert (await policy(other.client, bot)).json()["mode"] == "all"
         await client.patch(f"/api/v1/groups/{GROUP}", json={"mode": "any"}, headers=editor)
-        for _ in range(100):
-            if (await policy(other.client, bot)).json()["mode"] == "any":
-                break
-            await asyncio.sleep(0.05)
-        assert (await policy(other.client, bot)).json()["mode"] == "any"
 
+        async def other_sees_any(other: Harness = other) -> bool:
+            return (await policy(other.client, bot)).json()["mode"] == "any"
 
-async def _listening(harness: Harness) -> bool:
-    async with harness.sessionmaker() as session:
-        from sqlalchemy import text
-
-        listeners = await session.scalar(
-            text("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
-        )
-    return bool(listeners)
+        await eventually(other_sees_any)
 
 
 async def test_bot_registration_validates_ids(client, bot):
@@ -218,7 +177,7 @@ async def test_bot_registration_validates_ids(client, bot):
 
 
 async def test_bot_writes_are_audited_as_the_key(client, bot, owner):
-    await register(client, bot)
+    await register_group(client, bot)
     await register_channel(client, bot)
     await client.put(f"/api/v1/bot/groups/{GROUP}/channels/{CHANNEL}", headers=bot)
     entries = (await client.get("/api/v1/audit", headers=owner)).json()["items"]
@@ -238,13 +197,13 @@ async def test_supabase_token_is_refused_on_bot_routes(client, editor):
 
 
 async def test_migrate_moves_settings_links_members_and_history(harness, client, bot, editor):
-    await register(client, bot)
+    await register_group(client, bot)
     await register_channel(client, bot)
     await client.put(f"/api/v1/bot/groups/{GROUP}/channels/{CHANNEL}", headers=bot)
     await client.patch(f"/api/v1/groups/{GROUP}", json={"action": "warn"}, headers=editor)
-    await ingest(client, bot, [event(user_id=1), event(user_id=2, result="blocked")])
+    await post_events(client, bot, [event(user_id=1), event(user_id=2, result="blocked")])
     # the bot already reported an event under the new id before migrating
-    await ingest(client, bot, [event(chat_id=GROUP2, user_id=1, result="blocked")])
+    await post_events(client, bot, [event(chat_id=GROUP2, user_id=1, result="blocked")])
 
     migrated = await client.post(
         f"/api/v1/bot/groups/{GROUP}/migrate", json={"new_chat_id": GROUP2}, headers=bot
@@ -265,8 +224,8 @@ async def test_migrate_moves_settings_links_members_and_history(harness, client,
 
 
 async def test_migrate_conflicts_and_unknowns(client, bot):
-    await register(client, bot)
-    await register(client, bot, GROUP2)
+    await register_group(client, bot)
+    await register_group(client, bot, GROUP2)
     url = f"/api/v1/bot/groups/{GROUP}/migrate"
     body = problem(await client.post(url, json={"new_chat_id": GROUP2}, headers=bot), 409)
     assert body["detail"] == f"group {GROUP2} already exists"
@@ -279,7 +238,7 @@ async def test_migrate_conflicts_and_unknowns(client, bot):
 async def test_channel_groups_lists_active_requiring_groups(client, bot, editor):
     await register_channel(client, bot)
     for chat_id in (GROUP, GROUP2):
-        await register(client, bot, chat_id)
+        await register_group(client, bot, chat_id)
         await client.put(f"/api/v1/bot/groups/{chat_id}/channels/{CHANNEL}", headers=bot)
     await client.patch(f"/api/v1/groups/{GROUP2}", json={"is_active": False}, headers=editor)
     response = await client.get(f"/api/v1/bot/channels/{CHANNEL}/groups", headers=bot)
@@ -293,10 +252,9 @@ async def test_channel_groups_lists_active_requiring_groups(client, bot, editor)
 async def test_ingest_is_idempotent_within_and_across_batches(harness, client, bot):
     first = [event(user_id=u) for u in range(1, 6)]
     duplicate_inside = [*first, first[0], first[1]]
-    response = await ingest(client, bot, duplicate_inside)
-    assert response.json() == {"accepted": 5, "duplicates": 2}
-    retried = await ingest(client, bot, [*first, event(user_id=9)])
-    assert retried.json() == {"accepted": 1, "duplicates": 5}
+    assert await post_events(client, bot, duplicate_inside) == {"accepted": 5, "duplicates": 2}
+    retried = await post_events(client, bot, [*first, event(user_id=9)])
+    assert retried == {"accepted": 1, "duplicates": 5}
     assert await count(harness, Verification) == 6
     async with harness.sessionmaker() as session:
         rows = await session.execute(select(col(Member.user_id), col(Member.checks)))
@@ -305,13 +263,13 @@ async def test_ingest_is_idempotent_within_and_across_batches(harness, client, b
 
 
 async def test_older_events_never_overwrite_newer_state(client, bot, viewer):
-    await register(client, bot)
+    await register_group(client, bot)
     t = now() - timedelta(hours=1)
-    await ingest(client, bot, [event(result="blocked", at=t + timedelta(minutes=10))])
-    await ingest(client, bot, [event(result="passed", at=t)])  # older, arrives late
+    await post_events(client, bot, [event(result="blocked", at=t + timedelta(minutes=10))])
+    await post_events(client, bot, [event(result="passed", at=t)])  # older, arrives late
     state = (await client.get(f"/api/v1/bot/groups/{GROUP}/members/42", headers=bot)).json()
     assert state["status"] == "restricted" and state["fresh_until"] is None
-    await ingest(client, bot, [event(result="passed", at=t + timedelta(minutes=20))])
+    await post_events(client, bot, [event(result="passed", at=t + timedelta(minutes=20))])
     state = (await client.get(f"/api/v1/bot/groups/{GROUP}/members/42", headers=bot)).json()
     assert state["status"] == "verified"
     verified_at = datetime.fromisoformat(state["verified_at"])
@@ -319,7 +277,7 @@ async def test_older_events_never_overwrite_newer_state(client, bot, viewer):
     assert datetime.fromisoformat(state["fresh_until"]) == verified_at + timedelta(seconds=600)
     assert datetime.fromisoformat(state["restricted_at"]) == t + timedelta(minutes=10)
     # in one batch, out of order
-    await ingest(
+    await post_events(
         client,
         bot,
         [
@@ -345,12 +303,27 @@ async def test_unknown_member_state(client, bot):
 
 
 async def test_fresh_until_follows_the_groups_recheck_seconds(client, bot, editor):
-    await register(client, bot)
+    await register_group(client, bot)
     await client.patch(f"/api/v1/groups/{GROUP}", json={"recheck_seconds": 3600}, headers=editor)
     at = now() - timedelta(minutes=1)
-    await ingest(client, bot, [event(at=at)])
+    await post_events(client, bot, [event(at=at)])
     state = (await client.get(f"/api/v1/bot/groups/{GROUP}/members/42", headers=bot)).json()
     assert datetime.fromisoformat(state["fresh_until"]) == at + timedelta(hours=1)
+
+
+async def test_occurred_at_is_read_as_an_instant_whatever_its_offset(client, bot, viewer):
+    at = now().replace(microsecond=0) - timedelta(minutes=5)
+    india = timezone(timedelta(hours=5, minutes=30))
+    forms = [z(at), at.isoformat(), at.astimezone(india).isoformat()]
+    assert forms[1].endswith("+00:00") and forms[2].endswith("+05:30")
+    sent = [event(user_id=i + 1, occurred_at=form) for i, form in enumerate(forms)]
+    assert await post_events(client, bot, sent) == {"accepted": 3, "duplicates": 0}
+    log = (await client.get("/api/v1/verifications", headers=viewer)).json()["items"]
+    assert sorted((v["user_id"], v["occurred_at"]) for v in log) == [
+        (1, z(at)),
+        (2, z(at)),
+        (3, z(at)),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -395,8 +368,8 @@ async def test_batch_size_limits(client, bot):
 
 
 async def test_events_for_unregistered_groups_are_kept(harness, client, bot):
-    response = await ingest(client, bot, [event(chat_id=-1005555555555)])
-    assert response.json() == {"accepted": 1, "duplicates": 0}
+    response = await post_events(client, bot, [event(chat_id=-1005555555555)])
+    assert response == {"accepted": 1, "duplicates": 0}
     assert await count(harness, Verification, Verification.chat_id == -1005555555555) == 1
 
 
@@ -416,8 +389,8 @@ async def test_concurrent_batches_lose_and_double_nothing(harness, client, bot):
 
 
 async def test_group_stats_and_members_list(client, bot, viewer):
-    await register(client, bot)
-    await ingest(
+    await register_group(client, bot)
+    await post_events(
         client,
         bot,
         [
@@ -505,7 +478,7 @@ async def member_counts_match_members(harness: Harness, viewer: dict, group: int
 async def test_member_counts_follow_transitions_races_migrations_and_deletes(
     harness, client, bot, editor, viewer
 ):
-    await register(client, bot)
+    await register_group(client, bot)
     t = now() - timedelta(hours=2)
     batches = [
         [
@@ -515,12 +488,13 @@ async def test_member_counts_follow_transitions_races_migrations_and_deletes(
         ]
         for b in range(8)
     ]  # fmt: skip
-    await asyncio.gather(*(ingest(client, bot, b) for b in batches))
-    await ingest(client, bot, batches[0])  # a retry changes nothing
-    await ingest(client, bot, [event(user_id=99, result="error")])  # unknown: not counted
+    await asyncio.gather(*(post_events(client, bot, b) for b in batches))
+    retry = await post_events(client, bot, batches[0])  # a retry changes nothing
+    assert retry == {"accepted": 0, "duplicates": len(batches[0])}
+    await post_events(client, bot, [event(user_id=99, result="error")])  # unknown: not counted
     await member_counts_match_members(harness, viewer)
     await member_counts_match_members(harness, viewer, GROUP)
-    await ingest(client, bot, [event(chat_id=GROUP2, user_id=1, result="blocked")])
+    await post_events(client, bot, [event(chat_id=GROUP2, user_id=1, result="blocked")])
     await client.post(
         f"/api/v1/bot/groups/{GROUP}/migrate", json={"new_chat_id": GROUP2}, headers=bot
     )

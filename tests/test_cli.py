@@ -17,8 +17,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import cli
-from db import alembic_config
 from auth import hash_key
+from db import alembic_config
 from settings import Settings, get_settings
 from tests.conftest import HS_SECRET, ISSUER, ROOT, SUPABASE_URL, start_harness
 

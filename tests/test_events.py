@@ -21,48 +21,25 @@ import fastapi.routing
 import httpx
 import pytest
 import uvicorn
-from sqlalchemy import text
 
 import feed as feed_module
 from feed import Feed
 from tests.conftest import Harness, JWKSServer, Tokens, problem, start_harness
+from tests.factories import (
+    GROUP_ID,
+    create_group,
+    event,
+    eventually,
+    ingest,
+    listening,
+    post_events,
+)
 
 pytestmark = pytest.mark.anyio
 
 EVENTS = "/api/v1/events"
-GROUP = -1001000000001
+GROUP = GROUP_ID
 WAIT = 5.0
-
-
-def event(user_id: int = 42, result: str = "passed", **fields: Any) -> dict[str, Any]:
-    return {
-        "event_id": str(uuid.uuid4()),
-        "chat_id": GROUP,
-        "user_id": user_id,
-        "result": result,
-        "trigger": "message",
-        "missing_channel_ids": [],
-        "cached": False,
-        "latency_ms": 120,
-        "occurred_at": datetime.now(UTC).isoformat(),
-        **fields,
-    }
-
-
-async def post_events(harness: Harness, bot: dict, events: list[dict]) -> dict:
-    response = await harness.client.post(
-        "/api/v1/bot/verifications", json={"events": events}, headers=bot
-    )
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    for _ in range(int(WAIT / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("timed out waiting")
 
 
 @asynccontextmanager
@@ -137,23 +114,6 @@ async def subscribe(
         yield stream
 
 
-async def listening(harness: Harness, replicas: int = 1) -> None:
-    """On PostgreSQL, wait until this many processes LISTEN for the feed: even the replica
-    that made a change hears about it only through NOTIFY."""
-    if not harness.services.db.is_postgres:
-        return
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        """ AND query = 'LISTEN "channelgate"'"""
-    )
-    async with asyncio.timeout(WAIT):
-        while True:
-            async with harness.sessionmaker() as session:
-                if (await session.scalar(query) or 0) >= replicas:
-                    return
-            await asyncio.sleep(0.05)
-
-
 def token_of(auth: dict[str, str]) -> str:
     return auth["Authorization"].removeprefix("Bearer ")
 
@@ -165,7 +125,8 @@ async def test_verification_events_after_an_ingest(harness: Harness, bot, viewer
     await listening(harness)
     async with served(harness) as http, subscribe(http, viewer) as stream:
         first, second = event(user_id=1, result="blocked"), event(user_id=2)
-        assert await post_events(harness, bot, [first, second]) == {"accepted": 2, "duplicates": 0}
+        stored = await post_events(harness.client, bot, [first, second])
+        assert stored == {"accepted": 2, "duplicates": 0}
         got = [await stream.next("verification"), await stream.next("verification")]
         log = (await harness.client.get("/api/v1/verifications", headers=viewer)).json()["items"]
         # As in the log, oldest first.
@@ -173,13 +134,11 @@ async def test_verification_events_after_an_ingest(harness: Harness, bot, viewer
         assert {v["event_id"] for v in got} == {first["event_id"], second["event_id"]}
 
         # A retried batch stores nothing, so it announces nothing; a refused one neither.
-        assert await post_events(harness, bot, [first, second]) == {"accepted": 0, "duplicates": 2}
-        bad = await harness.client.post(
-            "/api/v1/bot/verifications", json={"events": [event(), {"x": 1}]}, headers=bot
-        )
-        problem(bad, 422)
+        retried = await post_events(harness.client, bot, [first, second])
+        assert retried == {"accepted": 0, "duplicates": 2}
+        problem(await ingest(harness.client, bot, [event(), {"x": 1}]), 422)
         marker = event(user_id=3)
-        await post_events(harness, bot, [marker])
+        await post_events(harness.client, bot, [marker])
         assert (await stream.next("verification"))["event_id"] == marker["event_id"]
 
 
@@ -187,10 +146,9 @@ async def test_a_full_batch_arrives_whole(harness: Harness, bot, viewer):
     """1000 events in one batch: announced in several NOTIFY payloads on PostgreSQL (8000-byte
     limit); each subscriber queue holds them all."""
     await listening(harness)
-    feed: Feed = harness.services.feed
     async with served(harness) as http, subscribe(http, viewer) as stream:
         batch = [event(user_id=i + 1) for i in range(1000)]
-        await post_events(harness, bot, batch)
+        await post_events(harness.client, bot, batch)
         got = [(await stream.next("verification"))["event_id"] for _ in batch]
         assert sorted(got) == sorted(e["event_id"] for e in batch)
         assert dropped(harness) == 0
@@ -199,10 +157,7 @@ async def test_a_full_batch_arrives_whole(harness: Harness, bot, viewer):
 async def test_audit_event_after_a_dashboard_write(harness: Harness, editor, viewer, owner):
     await listening(harness)
     async with served(harness) as http, subscribe(http, viewer) as stream:
-        created = await harness.client.post(
-            "/api/v1/groups", json={"chat_id": GROUP, "title": "Alpha"}, headers=editor
-        )
-        assert created.status_code == 201, created.text
+        await create_group(harness.client, editor, GROUP, title="Alpha")
         got = await stream.next("audit", lambda a: a["action"] == "group.create")
         entry = (await harness.client.get("/api/v1/audit", headers=owner)).json()["items"][0]
         assert got == entry
@@ -232,7 +187,7 @@ async def test_access_token_query_parameter(harness: Harness, bot, viewer):
         subscribe(http, access_token=token_of(viewer)) as stream,
     ):
         marker = event()
-        await post_events(harness, bot, [marker])
+        await post_events(harness.client, bot, [marker])
         assert (await stream.next("verification"))["event_id"] == marker["event_id"]
 
 
@@ -316,13 +271,10 @@ async def test_events_reach_a_subscriber_on_another_replica(
         viewer = await other.add_staff("viewer")
         async with served(other) as http, subscribe(http, viewer) as stream:
             marker = event()
-            await post_events(harness, bot, [marker])  # written through the first replica
+            await post_events(harness.client, bot, [marker])  # written through the first replica
             got = await stream.next("verification")
             assert got["event_id"] == marker["event_id"]
-            patch = await harness.client.post(
-                "/api/v1/groups", json={"chat_id": -1001000000002, "title": "B"}, headers=editor
-            )
-            assert patch.status_code == 201, patch.text
+            await create_group(harness.client, editor, -1001000000002, title="B")
             audit = await stream.next("audit", lambda a: a["action"] == "group.create")
             assert audit["resource_id"] == "-1001000000002"
         assert other.services.feed.subscribers == set()

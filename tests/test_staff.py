@@ -1,6 +1,8 @@
-"""Staff: listing (environment and database owners), PUT create/change, the last-owner rule,
-environment owners, validation and audit."""
+"""Staff: listing (environment and database owners, keyset pages), PUT create/change, the
+last-owner rule, environment owners, validation and audit."""
 
+import base64
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -8,7 +10,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ENV_OWNER, Harness, clean_database, problem, start_harness
+from tests.conftest import (
+    ENV_OWNER,
+    Harness,
+    b64,
+    clean_database,
+    names_field,
+    problem,
+    start_harness,
+)
+from tests.factories import create_group
 
 pytestmark = pytest.mark.anyio
 
@@ -232,3 +243,103 @@ async def test_put_and_delete_are_audited(harness: Harness, owner):
     (deleted,) = await audit_rows(client, owner, "staff.delete")
     assert deleted["resource_id"] == user_id and deleted["after"] is None
     assert deleted["before"]["role"] == "editor"
+
+
+# Only in OWNER_USER_IDS (ids in list order: the first two), and one there with a row too.
+ENV_ONLY = ["00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"]
+ENV_WITH_ROW = "00000000-0000-4000-8000-00000000000c"
+ROWS = [  # added in this order, after ENV_WITH_ROW's row; ids ascend too, so ties cannot reorder
+    ("10000000-0000-4000-8000-000000000001", "viewer"),
+    ("20000000-0000-4000-8000-000000000002", "editor"),
+    ("30000000-0000-4000-8000-000000000003", "owner"),
+    ("40000000-0000-4000-8000-000000000004", "viewer"),
+]
+
+
+@pytest.fixture
+async def crowd(database_url: str, jwks_server: Any, tokens: Any) -> AsyncIterator[Harness]:
+    """Three environment owners (one with a database row) and four database staff."""
+    await clean_database(database_url)
+    env_owners = [ENV_WITH_ROW, ENV_ONLY[1], ENV_ONLY[0]]  # the environment's order is not kept
+    async for h in start_harness(database_url, jwks_server.url, tokens, owner_user_ids=env_owners):
+        owner = h.auth(ENV_ONLY[0])
+        for user_id, role in [(ENV_WITH_ROW, "owner"), *ROWS]:
+            assert (await put(h.client, owner, user_id, role=role)).status_code == 201
+        yield h
+
+
+async def test_list_pages_walk_everyone_once_in_order(crowd: Harness, subtests):
+    """Keyset pages: the environment owners first, then the database staff by creation."""
+    owner = crowd.auth(ENV_ONLY[0])
+    everyone = await staff_list(crowd.client, owner)
+    expected = [*ENV_ONLY, ENV_WITH_ROW, *(user_id for user_id, _ in ROWS)]
+    assert [i["user_id"] for i in everyone] == expected
+    assert [(i["source"], i["created_at"] is None) for i in everyone[:3]] == [
+        ("environment", True),
+        ("environment", True),
+        ("environment", False),
+    ]
+    assert [(i["role"], i["source"]) for i in everyone[3:]] == [
+        (role, "database") for _, role in ROWS
+    ]
+    created = [i["created_at"] for i in everyone[2:]]
+    assert created == sorted(created)
+    for limit in (1, 2, 3):
+        with subtests.test(msg=f"limit={limit}"):
+            seen: list[dict] = []
+            params: dict[str, Any] = {"limit": limit}
+            for _ in range(len(expected)):
+                response = await crowd.client.get("/api/v1/staff", params=params, headers=owner)
+                assert response.status_code == 200, response.text
+                page = response.json()
+                assert page["total"] == len(expected)
+                seen += page["items"]
+                if page["next_cursor"] is None:
+                    break
+                assert len(page["items"]) == limit
+                params["cursor"] = page["next_cursor"]
+            assert page["next_cursor"] is None and 0 < len(page["items"]) <= limit
+            assert seen == everyone
+
+
+async def test_list_refuses_a_cursor_it_did_not_make(crowd: Harness, subtests):
+    owner, client = crowd.auth(ENV_ONLY[0]), crowd.client
+    for chat_id in (-1001000000001, -1001000000002):
+        await create_group(client, owner, chat_id)
+    foreign = {}
+    for name, url in (("groups", "/api/v1/groups"), ("audit", "/api/v1/audit")):
+        page = await client.get(url, params={"limit": 1}, headers=owner)
+        assert page.status_code == 200 and page.json()["next_cursor"], page.text
+        foreign[f"from {name}"] = page.json()["next_cursor"]
+    staff_cursor = json.loads(base64.urlsafe_b64decode(await first_cursor(crowd) + "=="))
+    cursors = {
+        **foreign,
+        "garbage": "garbage!",
+        "not-base64": "%%%",
+        "too-long": "x" * 600,
+        "empty-list": b64([]),
+        "other-name": b64(["-created_at", *staff_cursor[1:]]),
+        "rank-string": b64([staff_cursor[0], "0", *staff_cursor[2:]]),
+        "naive-time": b64([*staff_cursor[:2], "1970-01-01T00:00:00", staff_cursor[3]]),
+        "not-a-uuid": b64([*staff_cursor[:3], "not-a-uuid"]),
+        "too-short": b64(staff_cursor[:3]),
+        "nul": b64([*staff_cursor[:3], "\u0000"]),
+    }
+    for label, cursor in cursors.items():
+        with subtests.test(msg=label):
+            response = await client.get("/api/v1/staff", params={"cursor": cursor}, headers=owner)
+            assert names_field(problem(response, 422), "query", "cursor")
+    # and the real one still works
+    response = await client.get(
+        "/api/v1/staff", params={"cursor": b64(staff_cursor)}, headers=owner
+    )
+    assert response.status_code == 200, response.text
+    assert [i["user_id"] for i in response.json()["items"]][:1] == [ENV_ONLY[1]]
+
+
+async def first_cursor(harness: Harness) -> str:
+    response = await harness.client.get(
+        "/api/v1/staff", params={"limit": 1}, headers=harness.auth(ENV_ONLY[0])
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["next_cursor"]

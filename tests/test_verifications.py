@@ -16,14 +16,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Harness, problem
+from tests.conftest import Harness, b64, problem
+from tests.factories import CHANNEL_ID, GROUP_ID, event, post_events, z
 
 pytestmark = pytest.mark.anyio
 
 LOG = "/api/v1/verifications"
 EXPORT = "/api/v1/verifications/export"
-GROUPS = [-1001000000001, -1001000000002, -4242]
-CHANNELS = [-1002000000001, -1002000000002]
+GROUPS = [GROUP_ID, -1001000000002, -4242]
+CHANNELS = [CHANNEL_ID, -1002000000002]
 USERS = [11, 22, 33, 1099511627775]
 RESULTS = ["passed", "blocked", "error"]
 TRIGGERS = ["message", "join", "button", "channel_leave", "recheck"]
@@ -38,41 +39,8 @@ CSV_HEADER = [
 MALFORMED = "query.cursor: malformed cursor; use next_cursor as returned"
 
 
-def z(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def parse(value: str) -> datetime:
     return datetime.fromisoformat(value)
-
-
-def event(
-    chat_id: int = GROUPS[0],
-    user_id: int = 42,
-    result: str = "passed",
-    at: datetime | None = None,
-    **fields: Any,
-) -> dict[str, Any]:
-    return {
-        "event_id": str(uuid.uuid4()),
-        "chat_id": chat_id,
-        "user_id": user_id,
-        "result": result,
-        "trigger": "message",
-        "missing_channel_ids": [CHANNELS[0]] if result == "blocked" else [],
-        "cached": False,
-        "latency_ms": 120,
-        "occurred_at": z(at or datetime.now(UTC)),
-        **fields,
-    }
-
-
-async def post_events(client: httpx.AsyncClient, bot: dict, events: list[dict]) -> None:
-    for i in range(0, len(events), 1000):
-        response = await client.post(
-            "/api/v1/bot/verifications", json={"events": events[i : i + 1000]}, headers=bot
-        )
-        assert response.status_code == 200, response.text
 
 
 async def page(client: httpx.AsyncClient, auth: dict, **params: Any) -> dict:
@@ -101,7 +69,7 @@ def newest_first(items: list[dict]) -> bool:
 
 
 def cursor_of(*values: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(values)).encode()).decode().rstrip("=")
+    return b64(list(values))
 
 
 @pytest.fixture
@@ -249,17 +217,17 @@ async def test_walk_is_stable_under_concurrent_inserts(
         "not a cursor!",
         "%%%",
         base64.urlsafe_b64encode(b"not json").decode(),
-        cursor_of("-occurred_at"),  # too short
-        cursor_of("-occurred_at", "2026-01-01T00:00:00+00:00", 5, 6),  # too long
-        cursor_of("-at", "2026-01-01T00:00:00+00:00", 5),  # the audit log's cursor
-        cursor_of("-occurred_at", "2026-01-01T00:00:00", 5),  # naive
-        cursor_of("-occurred_at", "yesterday", 5),
-        cursor_of("-occurred_at", 17, 5),
-        cursor_of("-occurred_at", "2026-01-01T00:00:00+00:00", "5"),
-        cursor_of("-occurred_at", "2026-01-01T00:00:00+00:00", 5.5),
-        cursor_of("-occurred_at", "2026-01-01T00:00:00+00:00", True),
-        cursor_of("-occurred_at", "2026-01-01T00:00:00+00:00", 2**63),
-        cursor_of("-occurred_at", "2026-01-01T00:00:00+00:00", None),
+        cursor_of("verifications:-occurred_at"),  # too short
+        cursor_of("verifications:-occurred_at", "2026-01-01T00:00:00+00:00", 5, 6),  # too long
+        cursor_of("audit:-at", "2026-01-01T00:00:00+00:00", 5),  # the audit log's cursor
+        cursor_of("verifications:-occurred_at", "2026-01-01T00:00:00", 5),  # naive
+        cursor_of("verifications:-occurred_at", "yesterday", 5),
+        cursor_of("verifications:-occurred_at", 17, 5),
+        cursor_of("verifications:-occurred_at", "2026-01-01T00:00:00+00:00", "5"),
+        cursor_of("verifications:-occurred_at", "2026-01-01T00:00:00+00:00", 5.5),
+        cursor_of("verifications:-occurred_at", "2026-01-01T00:00:00+00:00", True),
+        cursor_of("verifications:-occurred_at", "2026-01-01T00:00:00+00:00", 2**63),
+        cursor_of("verifications:-occurred_at", "2026-01-01T00:00:00+00:00", None),
         base64.urlsafe_b64encode(json.dumps({"-occurred_at": 1}).encode()).decode(),
         base64.urlsafe_b64encode(b"\xff\xfe").decode(),
     ],
@@ -274,10 +242,10 @@ async def test_a_tampered_but_wellformed_cursor_only_moves_the_page(
 ):
     body = await page(harness.client, viewer, limit=5)
     raw = json.loads(base64.urlsafe_b64decode(body["next_cursor"] + "=="))
-    assert raw[0] == "-occurred_at"
-    future = cursor_of("-occurred_at", "2999-01-01T00:00:00+00:00", 2**63 - 1)
+    assert raw[0] == "verifications:-occurred_at"
+    future = cursor_of("verifications:-occurred_at", "2999-01-01T00:00:00+00:00", 2**63 - 1)
     assert len((await page(harness.client, viewer, cursor=future, limit=200))["items"]) == 90
-    past = cursor_of("-occurred_at", "2000-01-01T00:00:00+00:00", 0)
+    past = cursor_of("verifications:-occurred_at", "2000-01-01T00:00:00+00:00", 0)
     assert (await page(harness.client, viewer, cursor=past))["items"] == []
 
 
