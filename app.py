@@ -259,7 +259,8 @@ class Gate:
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
                 status = message["status"]
-                streamed = all(name.lower() != b"content-length" for name, _ in headers)
+                if self.metrics is not None:
+                    streamed = b"content-length" not in {name.lower() for name, _ in headers}
                 message["headers"] = [*headers, *extra_headers]
             await send(message)
 
@@ -311,19 +312,23 @@ class Gate:
             if not status:
                 await reject(500, "internal error; quote the request id when reporting it")
         finally:
-            self.finished(scope, request_id, status or 500, streamed, started)
+            if self.metrics is not None or access_log.isEnabledFor(logging.INFO):
+                self.finished(scope, request_id, status or 500, streamed, started)
 
     def finished(
         self, scope: Scope, request_id: str, status: int, streamed: bool, started: float
     ) -> None:
-        seconds = time.perf_counter() - started
+        """Count and log the request (skipped when neither metrics nor the access log is on:
+        this runs on the hot path)."""
         route = getattr(scope.get("route"), "path", None)
         if self.metrics is not None:
             label = route or "unmatched"
             self.metrics.requests.labels(scope["method"], label, status).inc()
             if not streamed:
+                seconds = time.perf_counter() - started
                 self.metrics.latency.labels(scope["method"], label).observe(seconds)
         if access_log.isEnabledFor(logging.INFO):
+            seconds = time.perf_counter() - started
             access_log.info(
                 "request",
                 extra={

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
 from starlette.requests import HTTPConnection
-from starlette.routing import Match, Route
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from auth import AuthState, auth_state, authenticate_bot
@@ -130,55 +130,44 @@ def chat_id_of(raw: str) -> int:
 JSON_TYPE = (b"content-type", b"application/json")
 
 
-async def serve(scope: Scope, send: Send, auth: AuthState, cache: Policies) -> None:
-    """The whole hot path: bot key, cached policy, 304 or 200. Errors are raised to the
-    app's problem+json handlers."""
-    authorization = if_none_match = b""
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            authorization = value
-        elif name == b"if-none-match":
-            if_none_match = value
-    await authenticate_bot(auth, authorization.decode("latin-1"), scope["state"].get("request_id"))
-    chat_id = chat_id_of(scope["path_params"]["chat_id"])
-    entry = await cache.get(chat_id)
-    if entry is None:
-        raise HTTPException(404, f"group {chat_id} not found")
-    body, tag = entry
-    if if_none_match and etag_matches(if_none_match.decode("latin-1"), tag):
-        headers = [(b"etag", tag.encode())]
-        await send({"type": "http.response.start", "status": 304, "headers": headers})
-        await send({"type": "http.response.body", "body": b""})
-        return
-    headers = [JSON_TYPE, (b"content-length", str(len(body)).encode()), (b"etag", tag.encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class HotRoute(Route):
-    """The bare route: like FastAPI's routes it names itself in the scope, so the access
-    log and metrics label it by its template."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match is not Match.NONE:
-            child["route"] = self
-        return match, child
-
-
 class Endpoint:
-    """`serve` as an ASGI app (Starlette would wrap a plain function in a Request)."""
+    """The whole hot path as an ASGI app: bot key, cached policy, 304 or 200. Errors are
+    raised to the app's problem+json handlers."""
 
     def __init__(self, auth: AuthState, cache: Policies) -> None:
         self.auth = auth
         self.cache = cache
+        self.route = Route(PATH, self, methods=["GET"])
 
     async def __call__(self, scope: Scope, _receive: Receive, send: Send) -> None:
-        await serve(scope, send, self.auth, self.cache)
+        scope["route"] = self.route  # as FastAPI's routes do: logs and metrics name it
+        authorization = if_none_match = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"if-none-match":
+                if_none_match = value
+        request_id = scope["state"].get("request_id")
+        await authenticate_bot(self.auth, authorization.decode("latin-1"), request_id)
+        chat_id = chat_id_of(scope["path_params"]["chat_id"])
+        entry = await self.cache.get(chat_id)
+        if entry is None:
+            raise HTTPException(404, f"group {chat_id} not found")
+        body, tag = entry
+        if if_none_match and etag_matches(if_none_match.decode("latin-1"), tag):
+            headers = [(b"etag", tag.encode())]
+            await send({"type": "http.response.start", "status": 304, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        length = (b"content-length", str(len(body)).encode())
+        headers = [JSON_TYPE, length, (b"etag", tag.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
-def route(auth: AuthState, cache: Policies) -> HotRoute:
-    return HotRoute(PATH, Endpoint(auth, cache), methods=["GET"])
+def route(auth: AuthState, cache: Policies) -> Route:
+    """The bare route, mounted ahead of the documented FastAPI twin."""
+    return Endpoint(auth, cache).route
 
 
 class Answer(Response):
@@ -190,4 +179,4 @@ class Answer(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         connection = HTTPConnection(scope)
-        await serve(scope, send, auth_state(connection), policies(connection))
+        await Endpoint(auth_state(connection), policies(connection))(scope, receive, send)
