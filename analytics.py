@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,6 @@ from models import (
     LATENCY_COLUMNS,
     LATENCY_EDGES_MS,
     VerificationIn,
-    aware,
     channel_rollups,
     invalid,
     member_counts,
@@ -260,7 +259,6 @@ class Window:
         """The window a request asks for: truncated to its hours (days for grain "d"),
         by default the 7 days ending at the end of the current hour; 422 if empty."""
         floor, step = (floor_hour, HOUR) if grain == "h" else (floor_day, DAY)
-        until, since = aware(until, "until"), aware(since, "since")
         end = floor(until) if until is not None else floor(utcnow()) + step
         start = floor(since) if since is not None else end - timedelta(days=7)
         if start >= end:
@@ -273,6 +271,8 @@ class Window:
         """(grain, from, to) ranges covering the window with as few rows as possible."""
         first_day = floor_day(self.since)
         if first_day < self.since:
+            if first_day.date() == date.max:  # a window inside 9999-12-31: no whole day
+                return [("h", self.since, self.until)]
             first_day += DAY
         last_day = floor_day(self.until)
         if first_day >= last_day:

@@ -40,6 +40,7 @@ from fastapi import Depends, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import (
     JSON,
+    BigInteger,
     ColumnElement,
     Select,
     Table,
@@ -327,8 +328,12 @@ class Keyset:
     def order(self) -> list[Any]:
         return [c.desc() if self.descending else c.asc() for c in self.columns]
 
-    def kinds(self) -> list[type]:
-        return [c.type.python_type for c in self.columns]
+    def kinds(self) -> list[tuple[type, int]]:
+        """Each column's Python type, and for integers the magnitude its SQL type holds."""
+        return [
+            (c.type.python_type, INT64_MAX if isinstance(c.type, BigInteger) else 2**31 - 1)
+            for c in self.columns
+        ]
 
 
 def encode_cursor(name: str, values: Sequence[Any]) -> str:
@@ -340,18 +345,20 @@ def encode_cursor(name: str, values: Sequence[Any]) -> str:
 BAD_CURSOR = "malformed cursor; use next_cursor as returned"
 
 
-def decode_cursor(cursor: str, name: str, kinds: Sequence[type]) -> list[Any]:
-    """The sort key in a cursor made by `encode_cursor` for `name`; anything else is a 422."""
+def decode_cursor(cursor: str, name: str, kinds: Sequence[tuple[type, int]]) -> list[Any]:
+    """The sort key in a cursor made by `encode_cursor` for `name`, each value of its
+    column's type and within what the column holds; anything else is a 422, so that no
+    value the service would not have issued reaches a query."""
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not isinstance(raw, list) or len(raw) != len(kinds) + 1 or raw[0] != name:
             raise ValueError
-        return [_cursor_value(kind, value) for kind, value in zip(kinds, raw[1:], strict=True)]
-    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
+        return [_cursor_value(*kind, value) for kind, value in zip(kinds, raw[1:], strict=True)]
+    except (ValueError, TypeError, OverflowError, binascii.Error):
         raise invalid(("query", "cursor"), BAD_CURSOR) from None
 
 
-def _cursor_value(kind: type, value: object) -> Any:
+def _cursor_value(kind: type, magnitude: int, value: object) -> Any:
     if kind is datetime and isinstance(value, str):
         parsed = datetime.fromisoformat(value)
         if parsed.tzinfo is not None:
@@ -359,9 +366,10 @@ def _cursor_value(kind: type, value: object) -> Any:
     elif kind is uuid.UUID and isinstance(value, str):
         return uuid.UUID(value)
     elif kind is int and type(value) is int:
-        if INT64_MIN <= value <= INT64_MAX:
+        if -magnitude - 1 <= value <= magnitude:
             return value
     elif kind is str and isinstance(value, str) and "\x00" not in value:
+        value.encode()  # UnicodeEncodeError (a ValueError) for a lone surrogate
         return value
     raise ValueError
 

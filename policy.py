@@ -19,8 +19,17 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from auth import AuthState, auth_state, authenticate_bot
-from db import INT64_MAX, INT64_MIN, POLICY, Database, announce
-from models import SETTING_FIELDS, Channel, ChannelRef, Group, GroupChannel, Policy, invalid
+from db import POLICY, Database, announce
+from models import (
+    SETTING_FIELDS,
+    Channel,
+    ChannelRef,
+    Group,
+    GroupChannel,
+    Policy,
+    invalid,
+    is_group_chat_id,
+)
 
 MAX_ENTRIES = 100_000
 PATH = "/api/v1/bot/groups/{chat_id}/policy"
@@ -117,14 +126,14 @@ def answer(entry: Entry, chat_id: int, status: int = 200) -> Response:
 
 
 def chat_id_of(raw: str) -> int:
-    """The path's chat id, read by hand: 422 unless a 64-bit integer."""
+    """The path's chat id, read by hand: 422 unless a group's id (GroupChatId's rule)."""
     try:
         value = int(raw)
-        if INT64_MIN <= value <= INT64_MAX:
-            return value
     except ValueError:
-        pass
-    raise invalid(("path", "chat_id"), "must be a 64-bit integer", "int_parsing")
+        raise invalid(("path", "chat_id"), "must be an integer", "int_parsing") from None
+    if not is_group_chat_id(value):
+        raise invalid(("path", "chat_id"), "is not a group chat id (negative; supergroups -100…)")
+    return value
 
 
 JSON_TYPE = (b"content-type", b"application/json")
@@ -138,6 +147,7 @@ class Endpoint:
         self.auth = auth
         self.cache = cache
         self.route = Route(PATH, self, methods=["GET"])
+        self.route.methods = {"GET"}  # not the HEAD Starlette adds: like every other route
 
     async def __call__(self, scope: Scope, _receive: Receive, send: Send) -> None:
         scope["route"] = self.route  # as FastAPI's routes do: logs and metrics name it
