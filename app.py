@@ -22,20 +22,20 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import contract
 import policy
-from auth import BOT_KEY_SCHEME, AuthState
+from auth import AuthState
 from db import Database, Listener, migrate
 from feed import Feed
 from metrics import Metrics
-from models import VerificationBatch
 from routes import bot, dashboard, live, service
 from settings import Settings, get_settings
 
@@ -173,16 +173,28 @@ SLUGS = {409: "conflict", 412: "stale-version", 413: "too-large", 415: "not-json
 
 async def http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
-    detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).phrase
-    if error.status_code == 404 and detail == "Not Found":
+    status, headers = error.status_code, dict(error.headers or {})
+    detail = error.detail if isinstance(error.detail, str) else HTTPStatus(status).phrase
+    slug = SLUGS.get(status)
+    if status == 404 and detail == "Not Found":
         detail = f"no route for {request.url.path}"
-    return problem(
-        request,
-        error.status_code,
-        detail,
-        headers=dict(error.headers or {}),
-        slug=SLUGS.get(error.status_code),
-    )
+    elif status == 405:
+        # Starlette names only the methods of the first route that matched the path.
+        headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
+        detail = f"{request.method} is not allowed here; Allow lists what is"
+    elif status == 400 and detail == "There was an error parsing the body":
+        detail, slug = "the body is not valid JSON", "malformed"  # e.g. not UTF-8
+    return problem(request, status, detail, headers=headers, slug=slug)
+
+
+def allowed_methods(request: Request) -> set[str]:
+    """Every method some route serves at the request's path."""
+    allowed: set[str] = set()
+    for context in iter_route_contexts(request.app.router.routes):
+        match, _ = context.route.matches(request.scope)
+        if match is not Match.NONE:
+            allowed |= context.methods or set()
+    return allowed
 
 
 async def validation_error(request: Request, error: Exception) -> JSONResponse:
@@ -430,36 +442,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(Gate, metrics=services.metrics if settings.metrics_enabled else None)
-    app.openapi = lambda: openapi_with_bot_security(app)  # pyrefly: ignore[bad-assignment]
+    app.openapi = lambda: contract.document(app)  # pyrefly: ignore[bad-assignment]
     return app
-
-
-def openapi_with_bot_security(app: FastAPI) -> dict[str, Any]:
-    """The bot routes check their key without a security dependency (see auth.bot_caller), so
-    the BotKey scheme is declared on them here."""
-    if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title,
-            version=app.version,
-            summary=app.summary,
-            routes=app.routes,
-        )
-        components = schema.setdefault("components", {})
-        components.setdefault("securitySchemes", {})["BotKey"] = BOT_KEY_SCHEME
-        # POST /bot/verifications parses its body itself (routes.ingest_verifications).
-        batch = VerificationBatch.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas = components.setdefault("schemas", {})
-        schemas.update(batch.pop("$defs", {}))
-        schemas["VerificationBatch"] = batch
-        for path, operations in schema["paths"].items():
-            for operation in operations.values():
-                if path.startswith("/api/v1/bot/"):
-                    operation["security"] = [{"BotKey": []}]
-                for response in operation.get("responses", {}).values():
-                    for media in response.get("content", {}).values():
-                        # FastAPI describes SSE with OpenAPI 3.2's itemSchema; in 3.1 a
-                        # stream is a string.
-                        if media.pop("itemSchema", None) is not None:
-                            media["schema"] = {"type": "string"}
-        app.openapi_schema = schema
-    return app.openapi_schema

@@ -223,12 +223,16 @@ def snapshot(row: Any) -> dict[str, Any]:
 
 
 bearer = HTTPBearer(
-    auto_error=False, scheme_name="SupabaseJWT", description="Supabase access token"
+    auto_error=False,
+    scheme_name="SupabaseJWT",
+    bearerFormat="JWT",
+    description="Supabase access token",
 )
 BOT_KEY_SCHEME = {
     "type": "http",
     "scheme": "bearer",
-    "description": "cgk_… bot API key (POST /api/v1/bot-keys or `channelgate create-bot-key`)",
+    "bearerFormat": "cgk_ followed by 43 url-safe base64 characters",
+    "description": "bot API key (POST /api/v1/bot-keys or `channelgate create-bot-key`)",
 }
 
 

@@ -65,8 +65,10 @@ from feed import Subscriber, subscription
 from ingest import ingest, move_members, recount_members
 from metrics import metrics_of
 from models import (
+    GROUP_ID_SCHEMA,
     LATENCY_COLUMNS,
     MAX_CHANNELS_PER_GROUP,
+    NO_NUL,
     AnalyticsSummary,
     AuditLog,
     AuditPublic,
@@ -111,6 +113,7 @@ from models import (
     Staff,
     StaffPublic,
     StaffPut,
+    Time,
     Timeseries,
     TopGroup,
     TopGroups,
@@ -119,7 +122,6 @@ from models import (
     Verification,
     VerificationBatch,
     VerificationPublic,
-    aware,
     invalid,
     utcnow,
 )
@@ -131,14 +133,12 @@ live = APIRouter(prefix="/api/v1", dependencies=[Depends(feed_staff)])
 bot = APIRouter(prefix="/api/v1/bot", tags=["bot"], dependencies=[Depends(bot_caller)])
 service = APIRouter(tags=["service"])
 
-ChatIdPath = Annotated[int, Path(ge=INT64_MIN, le=INT64_MAX)]
-ChannelIdPath = Annotated[int, Path(ge=INT64_MIN, le=INT64_MAX)]
-NewGroupIdPath = Annotated[GroupChatId, Path()]
-NewChannelIdPath = Annotated[ChannelChatId, Path()]
-Search = Annotated[str | None, Query(min_length=1, max_length=255, pattern=r"^[^\x00]*$")]
-Since = Annotated[datetime | None, Query()]
-Until = Annotated[datetime | None, Query()]
-# Filters follow the Telegram id rules too (422 for a service account or a positive group id).
+# Path and query ids follow the Telegram id rules too: a group id that cannot exist is a 422.
+GroupIdPath = Annotated[GroupChatId, Path()]
+ChannelIdPath = Annotated[ChannelChatId, Path()]
+Search = Annotated[str | None, Query(min_length=1, max_length=255, pattern=NO_NUL)]
+Since = Annotated[Time | None, Query(description="inclusive")]
+Until = Annotated[Time | None, Query(description="exclusive")]
 GroupQuery = Annotated[GroupChatId | None, Query()]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
 PoliciesDep = Annotated[policy.Policies, Depends(policy.policies)]
@@ -148,6 +148,21 @@ DEFAULT_RECHECK_SECONDS = 600
 
 
 # ---------------------------------------------------------------- helpers of the endpoints
+
+ETAG = {
+    "description": 'the version as "N" (groups, channels); opaque for policies',
+    "schema": {"type": "string"},
+}
+
+
+def answers(*errors: int, etag: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
+    """What a route answers beyond its success and the errors app.py documents on every
+    route from what the route takes (credentials, parameters, a body, the database):
+    `errors` are its own (404, 409, 412), `etag` the statuses that carry the ETag."""
+    documented: dict[int | str, dict[str, Any]] = {status: {} for status in errors}
+    for status in etag:
+        documented.setdefault(status, {})["headers"] = {"ETag": ETAG}
+    return documented
 
 
 def not_found(what: str) -> HTTPException:
@@ -199,7 +214,7 @@ async def load_channel(session: AsyncSession, chat_id: int, *, lock: bool = Fals
     return channel
 
 
-async def group_dep(chat_id: ChatIdPath, session: SessionDep) -> Group:
+async def group_dep(chat_id: GroupIdPath, session: SessionDep) -> Group:
     return await load_group(session, chat_id)
 
 
@@ -414,7 +429,13 @@ async def list_groups(
     return CountedPage[GroupSummary](items=items, next_cursor=next_cursor, total=total)
 
 
-@dashboard.post("/groups", response_model=GroupPublic, status_code=201, tags=["groups"])
+@dashboard.post(
+    "/groups",
+    response_model=GroupPublic,
+    status_code=201,
+    responses=answers(409, etag=(201,)),
+    tags=["groups"],
+)
 async def create_group(
     body: GroupCreate, session: SessionDep, actor: Editor, response: Response
 ) -> GroupPublic:
@@ -432,16 +453,26 @@ async def create_group(
     return await group_public(session, group)
 
 
-@dashboard.get("/groups/{chat_id}", response_model=GroupPublic, tags=["groups"])
+@dashboard.get(
+    "/groups/{chat_id}",
+    response_model=GroupPublic,
+    responses=answers(404, etag=(200,)),
+    tags=["groups"],
+)
 async def read_group(group: GroupDep, session: SessionDep, response: Response) -> GroupPublic:
     """One group with its settings, required channels and member stats."""
     etag(response, group.version)
     return await group_public(session, group)
 
 
-@dashboard.patch("/groups/{chat_id}", response_model=GroupPublic, tags=["groups"])
+@dashboard.patch(
+    "/groups/{chat_id}",
+    response_model=GroupPublic,
+    responses=answers(404, 412, etag=(200,)),
+    tags=["groups"],
+)
 async def update_group(
-    chat_id: ChatIdPath,
+    chat_id: GroupIdPath,
     body: GroupUpdate,
     session: SessionDep,
     actor: Editor,
@@ -457,8 +488,8 @@ async def update_group(
     return await group_public(session, group)
 
 
-@dashboard.delete("/groups/{chat_id}", status_code=204, tags=["groups"])
-async def delete_group(chat_id: ChatIdPath, session: SessionDep, actor: Editor) -> None:
+@dashboard.delete("/groups/{chat_id}", status_code=204, responses=answers(404), tags=["groups"])
+async def delete_group(chat_id: GroupIdPath, session: SessionDep, actor: Editor) -> None:
     """Stop protecting a group; its verification history stays."""
     group = await load_group(session, chat_id, lock=True)
     before = snapshot(group)
@@ -474,11 +505,14 @@ async def delete_group(chat_id: ChatIdPath, session: SessionDep, actor: Editor) 
 @dashboard.put(
     "/groups/{chat_id}/channels/{channel_id}",
     response_model=GroupPublic,
-    responses={201: {"model": GroupPublic, "description": "Linked"}},
+    responses={
+        201: {"model": GroupPublic, "description": "Linked"},
+        **answers(404, 409, etag=(200, 201)),
+    },
     tags=["groups"],
 )
 async def link_group_channel(
-    chat_id: ChatIdPath,
+    chat_id: GroupIdPath,
     channel_id: ChannelIdPath,
     session: SessionDep,
     actor: Editor,
@@ -492,9 +526,14 @@ async def link_group_channel(
     return await group_public(session, group)
 
 
-@dashboard.delete("/groups/{chat_id}/channels/{channel_id}", status_code=204, tags=["groups"])
+@dashboard.delete(
+    "/groups/{chat_id}/channels/{channel_id}",
+    status_code=204,
+    responses=answers(404),
+    tags=["groups"],
+)
 async def unlink_group_channel(
-    chat_id: ChatIdPath, channel_id: ChannelIdPath, session: SessionDep, actor: Editor
+    chat_id: GroupIdPath, channel_id: ChannelIdPath, session: SessionDep, actor: Editor
 ) -> None:
     """Stop requiring a channel in a group."""
     await unlink_channel(session, actor, chat_id, channel_id)
@@ -504,7 +543,12 @@ async def unlink_group_channel(
 MEMBER_ORDER = Keyset("members:user_id", (col(Member.user_id),))
 
 
-@dashboard.get("/groups/{chat_id}/members", response_model=Page[MemberPublic], tags=["groups"])
+@dashboard.get(
+    "/groups/{chat_id}/members",
+    response_model=Page[MemberPublic],
+    responses=answers(404),
+    tags=["groups"],
+)
 async def list_members(
     group: GroupDep,
     session: SessionDep,
@@ -544,7 +588,13 @@ async def list_channels(
     return CountedPage[ChannelSummary](items=items, next_cursor=next_cursor, total=total)
 
 
-@dashboard.post("/channels", response_model=ChannelPublic, status_code=201, tags=["channels"])
+@dashboard.post(
+    "/channels",
+    response_model=ChannelPublic,
+    status_code=201,
+    responses=answers(409, etag=(201,)),
+    tags=["channels"],
+)
 async def create_channel(
     body: ChannelCreate, session: SessionDep, actor: Editor, response: Response
 ) -> ChannelPublic:
@@ -562,9 +612,14 @@ async def create_channel(
     return await channel_public(session, channel)
 
 
-@dashboard.get("/channels/{chat_id}", response_model=ChannelPublic, tags=["channels"])
+@dashboard.get(
+    "/channels/{chat_id}",
+    response_model=ChannelPublic,
+    responses=answers(404, etag=(200,)),
+    tags=["channels"],
+)
 async def read_channel(
-    chat_id: ChatIdPath, session: SessionDep, response: Response
+    chat_id: ChannelIdPath, session: SessionDep, response: Response
 ) -> ChannelPublic:
     """One channel and the groups that require it."""
     channel = await load_channel(session, chat_id)
@@ -572,9 +627,14 @@ async def read_channel(
     return await channel_public(session, channel)
 
 
-@dashboard.patch("/channels/{chat_id}", response_model=ChannelPublic, tags=["channels"])
+@dashboard.patch(
+    "/channels/{chat_id}",
+    response_model=ChannelPublic,
+    responses=answers(404, 412, etag=(200,)),
+    tags=["channels"],
+)
 async def update_channel(
-    chat_id: ChatIdPath,
+    chat_id: ChannelIdPath,
     body: ChannelUpdate,
     session: SessionDep,
     actor: Editor,
@@ -590,9 +650,11 @@ async def update_channel(
     return await channel_public(session, channel)
 
 
-@dashboard.delete("/channels/{chat_id}", status_code=204, tags=["channels"])
+@dashboard.delete(
+    "/channels/{chat_id}", status_code=204, responses=answers(404, 409), tags=["channels"]
+)
 async def delete_channel(
-    chat_id: ChatIdPath, session: SessionDep, actor: Editor, force: bool = False
+    chat_id: ChannelIdPath, session: SessionDep, actor: Editor, force: bool = False
 ) -> None:
     """Forget a channel; 409 while groups require it, unless force=true unlinks it first."""
     channel = await load_channel(session, chat_id, lock=True)
@@ -637,9 +699,9 @@ def verification_filters(
         filters.append(col(Verification.result) == result)
     if trigger is not None:
         filters.append(col(Verification.trigger) == trigger)
-    if (since := aware(since, "since")) is not None:
+    if since is not None:
         filters.append(col(Verification.occurred_at) >= since)
-    if (until := aware(until, "until")) is not None:
+    if until is not None:
         filters.append(col(Verification.occurred_at) < until)
     return filters
 
@@ -848,9 +910,9 @@ async def list_audit(
     session: SessionDep,
     _: Owner,
     page: PageQuery,
-    actor: Annotated[str | None, Query(max_length=64)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    resource: Annotated[str | None, Query(max_length=32)] = None,
+    actor: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+    resource: Annotated[str | None, Query(max_length=32, pattern=NO_NUL)] = None,
     since: Since = None,
     until: Until = None,
 ) -> Page[AuditPublic]:
@@ -862,9 +924,9 @@ async def list_audit(
         statement = statement.where(AuditLog.action == action)
     if resource is not None:
         statement = statement.where(AuditLog.resource == resource)
-    if (since := aware(since, "since")) is not None:
+    if since is not None:
         statement = statement.where(AuditLog.at >= since)
-    if (until := aware(until, "until")) is not None:
+    if until is not None:
         statement = statement.where(AuditLog.at < until)
     rows, next_cursor = await paginate(session, statement, AUDIT_ORDER, page)
     return Page[AuditPublic](
@@ -931,7 +993,7 @@ async def other_owner_exists(
 @dashboard.put(
     "/staff/{user_id}",
     response_model=StaffPublic,
-    responses={201: {"model": StaffPublic, "description": "Added"}},
+    responses={201: {"model": StaffPublic, "description": "Added"}, **answers(409)},
     tags=["staff"],
 )
 async def put_staff(
@@ -969,7 +1031,7 @@ async def put_staff(
     return StaffPublic.from_row(staff, env_owners)
 
 
-@dashboard.delete("/staff/{user_id}", status_code=204, tags=["staff"])
+@dashboard.delete("/staff/{user_id}", status_code=204, responses=answers(404, 409), tags=["staff"])
 async def delete_staff(
     user_id: uuid.UUID, request: Request, session: SessionDep, actor: Owner
 ) -> None:
@@ -1012,7 +1074,7 @@ async def create_bot_key(body: BotKeyCreate, session: SessionDep, actor: Owner) 
     return created
 
 
-@dashboard.delete("/bot-keys/{key_id}", status_code=204, tags=["bot keys"])
+@dashboard.delete("/bot-keys/{key_id}", status_code=204, responses=answers(404), tags=["bot keys"])
 async def revoke_bot_key(
     key_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
     request: Request,
@@ -1060,10 +1122,10 @@ NOT_MODIFIED = {304: {"description": "Not modified (If-None-Match)"}}
 @bot.get(
     "/groups/{chat_id}/policy",
     response_model=Policy,
-    responses={**NOT_MODIFIED, 404: {"description": "Unknown group"}},
+    responses={**NOT_MODIFIED, **answers(404, 422, etag=(200, 304))},
     openapi_extra={
         "parameters": [
-            {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "integer"}},
+            {"name": "chat_id", "in": "path", "required": True, "schema": GROUP_ID_SCHEMA},
             {"name": "If-None-Match", "in": "header", "required": False,
              "schema": {"type": "string"}},
         ]
@@ -1080,10 +1142,10 @@ async def read_policy() -> Response:
 @bot.put(
     "/groups/{chat_id}",
     response_model=Policy,
-    responses={201: {"model": Policy, "description": "Registered"}},
+    responses={201: {"model": Policy, "description": "Registered"}, **answers(etag=(200, 201))},
 )
 async def register_group(
-    chat_id: NewGroupIdPath,
+    chat_id: GroupIdPath,
     body: BotGroupPut,
     session: SessionDep,
     actor: BotCaller,
@@ -1117,10 +1179,13 @@ async def register_group(
 @bot.put(
     "/channels/{chat_id}",
     response_model=ChannelPublic,
-    responses={201: {"model": ChannelPublic, "description": "Registered"}},
+    responses={
+        201: {"model": ChannelPublic, "description": "Registered"},
+        **answers(409, etag=(200, 201)),
+    },
 )
 async def register_channel(
-    chat_id: NewChannelIdPath,
+    chat_id: ChannelIdPath,
     body: BotChannelPut,
     session: SessionDep,
     actor: BotCaller,
@@ -1155,10 +1220,13 @@ async def register_channel(
 @bot.put(
     "/groups/{chat_id}/channels/{channel_id}",
     response_model=Policy,
-    responses={201: {"model": Policy, "description": "Linked"}},
+    responses={
+        201: {"model": Policy, "description": "Linked"},
+        **answers(404, 409, etag=(200, 201)),
+    },
 )
 async def bot_link_channel(
-    chat_id: ChatIdPath,
+    chat_id: GroupIdPath,
     channel_id: ChannelIdPath,
     session: SessionDep,
     actor: BotCaller,
@@ -1171,18 +1239,20 @@ async def bot_link_channel(
     return policy.answer(entry, chat_id, 201 if created else 200)
 
 
-@bot.delete("/groups/{chat_id}/channels/{channel_id}", status_code=204)
+@bot.delete("/groups/{chat_id}/channels/{channel_id}", status_code=204, responses=answers(404))
 async def bot_unlink_channel(
-    chat_id: ChatIdPath, channel_id: ChannelIdPath, session: SessionDep, actor: BotCaller
+    chat_id: GroupIdPath, channel_id: ChannelIdPath, session: SessionDep, actor: BotCaller
 ) -> None:
     """Stop requiring a channel in a group."""
     await unlink_channel(session, actor, chat_id, channel_id)
     await session.commit()
 
 
-@bot.post("/groups/{chat_id}/migrate", response_model=Policy)
+@bot.post(
+    "/groups/{chat_id}/migrate", response_model=Policy, responses=answers(404, 409, etag=(200,))
+)
 async def migrate_group(
-    chat_id: ChatIdPath,
+    chat_id: GroupIdPath,
     body: GroupMigrate,
     session: SessionDep,
     actor: BotCaller,
@@ -1213,8 +1283,8 @@ async def migrate_group(
     return policy.answer(await policies.get(new_id, session), new_id)
 
 
-@bot.get("/channels/{chat_id}/groups", response_model=ChatRefList)
-async def list_channel_groups(chat_id: ChatIdPath, session: SessionDep) -> ChatRefList:
+@bot.get("/channels/{chat_id}/groups", response_model=ChatRefList, responses=answers(404))
+async def list_channel_groups(chat_id: ChannelIdPath, session: SessionDep) -> ChatRefList:
     """Active groups that require this channel (to re-check a user who left it)."""
     channel = await load_channel(session, chat_id)
     rows = await session.scalars(
@@ -1261,7 +1331,7 @@ async def ingest_verifications(request: Request, session: SessionDep) -> IngestR
 
 @bot.get("/groups/{chat_id}/members/{user_id}", response_model=MemberState)
 async def read_member_state(
-    chat_id: ChatIdPath, user_id: Annotated[UserId, Path()], session: SessionDep
+    chat_id: GroupIdPath, user_id: Annotated[UserId, Path()], session: SessionDep
 ) -> MemberState:
     """A user's last known state in a group, and until when a pass stays fresh."""
     row = (
@@ -1324,7 +1394,10 @@ async def readyz(session: SessionDep) -> dict[str, str]:
 @service.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+        **answers(404),
+    },
 )
 async def read_metrics(request: Request) -> Response:
     """Prometheus metrics (METRICS_ENABLED=true; else 404)."""
