@@ -438,12 +438,12 @@ async def test_since_is_inclusive_and_until_exclusive_at_hour_edges(harness: Har
         (
             "channels",
             {"since": "2026-01-01T10:00:00", "until": "2026-01-02T10:00:00Z"},
-            "query.since: needs a time zone, e.g. 2026-11-26T10:00:00Z",
+            "query.since: must be an RFC 3339 time with an offset, e.g. 2026-11-26T10:00:00Z",
         ),
         (
             "summary",
             {"until": "2026-01-02T10:00:00"},
-            "query.until: needs a time zone, e.g. 2026-11-26T10:00:00Z",
+            "query.until: must be an RFC 3339 time with an offset, e.g. 2026-11-26T10:00:00Z",
         ),
         (
             "timeseries",

@@ -310,8 +310,10 @@ async def test_openapi_document(client: httpx.AsyncClient):
     assert schemes["SupabaseJWT"] == {
         "type": "http",
         "scheme": "bearer",
+        "bearerFormat": "JWT",
         "description": "Supabase access token",
     }
+    assert schemes["BotKey"]["bearerFormat"].startswith("cgk_")
     assert schemes["BotKey"]["type"] == "http" and schemes["BotKey"]["scheme"] == "bearer"
     operations = {
         (method.upper(), path): op

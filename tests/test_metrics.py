@@ -101,7 +101,7 @@ async def test_workers_share_one_set_of_counters(database_url, tmp_path):
     async with await anyio.open_process(command, cwd=tmp_path, env=env) as server:
         try:
             base = f"http://127.0.0.1:{port}"
-            await eventually(lambda: up(f"{base}/healthz"), timeout=20)
+            await eventually(lambda: up(f"{base}/healthz"), timeout=60)  # a loaded CI machine
             requests = 40
             for _ in range(requests):  # a new connection each time: the workers share them
                 async with httpx.AsyncClient() as client:

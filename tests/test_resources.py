@@ -252,6 +252,7 @@ GROUP_RESOURCE = Resource(
         ("title-int", {"sort": "title", "cursor": keyed("title", 5, 1)}, 422),
         ("title-list", {"sort": "title", "cursor": keyed("title", ["x"], 1)}, 422),
         ("title-nul", {"sort": "title", "cursor": keyed("title", "a\u0000b", 1)}, 422),
+        ("title-lone-surrogate", {"sort": "title", "cursor": keyed("title", "a\ud800b", 1)}, 422),
         (
             "year-9999",
             {"sort": "created_at", "cursor": keyed("created_at", "9999-12-31T23:59:59-14:00", 1)},
@@ -665,9 +666,15 @@ BAD_CURSORS = [
     ("year-9999", keyed("-created_at", "9999-12-31T23:59:59-14:00", 1)),  # after 9999 in UTC
 ]
 # Well formed and in range: such a cursor only moves the page, it cannot reach other data.
+BAD_CURSORS += [
+    # Beyond what the id column (32-bit) holds: never issued, and no query of it is valid.
+    ("id-beyond-int32", keyed("-created_at", NOW, 2**31)),
+    ("id-below-int32", keyed("-created_at", NOW, -(2**31) - 1)),
+    ("id-negative-int64", keyed("-created_at", NOW, -(2**62))),
+]
 WELL_FORMED_CURSORS = [
-    ("id-beyond-int32", keyed("-created_at", NOW, 2**40)),
-    ("id-negative", keyed("-created_at", NOW, -(2**62))),
+    ("id-largest-int32", keyed("-created_at", NOW, 2**31 - 1)),
+    ("id-smallest-int32", keyed("-created_at", NOW, -(2**31))),
 ]
 
 
@@ -727,8 +734,16 @@ async def test_path_ids_beyond_int64_are_422(resource: Resource, client, editor,
                 assert names_field(problem(response, 422), "path", param)
 
 
-async def test_largest_int64_path_ids_are_404(resource: Resource, client, editor):
-    for chat_id in (INT64_MAX, -INT64_MAX):
+async def test_path_ids_follow_the_telegram_id_rules(resource: Resource, client, editor):
+    """Path ids are 64-bit and of the resource's kind: one that cannot be a group's (or a
+    channel's) id is a 422, one that could but is unknown a 404."""
+    impossible = [INT64_MAX, -INT64_MAX, 5, 0, -(10**12), -4_000_000_000_001]
+    if resource.name == "channel":
+        impossible += [-1, -999_999_999_999]
+    for chat_id in impossible:
+        response = await client.get(f"{resource.url}/{chat_id}", headers=editor)
+        assert names_field(problem(response, 422), "path", "chat_id"), chat_id
+    for chat_id in (-4_000_000_000_000, -(10**12 + 1)):
         response = await client.get(f"{resource.url}/{chat_id}", headers=editor)
         assert problem(response, 404)["detail"] == f"{resource.name} {chat_id} not found"
 

@@ -249,7 +249,7 @@ async def test_a_tampered_but_wellformed_cursor_only_moves_the_page(
     assert (await page(harness.client, viewer, cursor=past))["items"] == []
 
 
-NAIVE = "needs a time zone, e.g. 2026-11-26T10:00:00Z"
+NAIVE = "must be an RFC 3339 time with an offset, e.g. 2026-11-26T10:00:00Z"
 
 
 @pytest.mark.parametrize(
