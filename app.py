@@ -9,14 +9,19 @@ import itertools
 import json
 import logging
 import os
+import random
 import re
 import secrets
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http import HTTPStatus
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -24,7 +29,6 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, iter_route_contexts
-from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
@@ -33,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import contract
 import policy
 from auth import AuthState
-from db import Database, Listener, migrate
+from db import Database, Listener, failure, migrate
 from feed import Feed
 from metrics import Metrics
 from routes import bot, dashboard, live, service
@@ -95,13 +99,30 @@ class Services:
 
     async def start(self) -> None:
         configure_logging(self.settings.log_level)
+        log.info("token checks: %s", self.auth.describe())
         if self.settings.should_auto_migrate:
             await migrate(self.db)
         if self.db.is_postgres:
-            listener = Listener(self.settings.database_url, self.db, self.policies.clear)
-            self.listener = asyncio.create_task(listener.run(), name="channelgate-listener")
+            self.db.listener = Listener(
+                self.settings, self.db, on_linked=self.linked, on_unlinked=self.unlinked
+            )
+            self.listener = asyncio.create_task(
+                self.db.listener.run(), name="channelgate-listener"
+            )
+        drain_on_signal(self.feed)
+
+    def linked(self) -> None:
+        """Back in touch with the other replicas: whatever they changed meanwhile is lost,
+        so every cache starts afresh."""
+        self.policies.link(True)
+        self.auth.bot_keys.clear()
+
+    def unlinked(self) -> None:
+        self.policies.link(False)
 
     async def stop(self) -> None:
+        self.feed.drain()
+        DRAINING.discard(self.feed)
         if self.listener is not None:
             self.listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -109,6 +130,35 @@ class Services:
         await self.http.aclose()
         await self.db.dispose()
         self.metrics.process_exited()
+
+
+DRAINING: set[Feed] = set()  # the feeds of this process's running apps
+
+
+def drain_on_signal(feed: Feed) -> None:
+    """On SIGTERM or SIGINT, end the live-feed streams, then chain on to the server's own
+    handler (uvicorn's: stop accepting, wait for in-flight requests within its graceful
+    timeout, then the lifespan closes the pool). Without this an open stream would hold
+    the shutdown until that timeout and then be cut off mid-stream."""
+    DRAINING.add(feed)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals reach the main thread only
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if getattr(previous, "drains", False):
+            continue
+
+        def handler(number: int, frame: FrameType | None, previous: Any = previous) -> None:
+            for each in list(DRAINING):
+                each.drain()
+            if callable(previous):
+                previous(number, frame)
+            else:  # the default action, or none if ignored
+                signal.signal(number, previous)
+                signal.raise_signal(number)
+
+        handler.drains = True  # pyrefly: ignore[missing-attribute]
+        signal.signal(sig, handler)
 
 
 class RequestIds:
@@ -129,14 +179,7 @@ class RequestIds:
 
 
 new_request_id = RequestIds()
-DB_UNAVAILABLE = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.TimeoutError,
-    ConnectionError,
-    TimeoutError,
-    OSError,
-)
+CONFLICT_RETRIES = 3  # replays of a request whose transaction hit a deadlock or serialization
 
 
 def problem_body(
@@ -211,18 +254,45 @@ async def validation_error(request: Request, error: Exception) -> JSONResponse:
     return problem(request, 422, f"{where}: {first['msg']}{more}", slug="validation", errors=errors)
 
 
-async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
-    log.error("database unavailable: %r", error)
-    return problem(
-        request, 503, "the database is unavailable; retry shortly", headers={"Retry-After": "5"}
-    )
-
-
 class BodyTooLarge(HTTPException):
     """Raised from `receive` (FastAPI passes HTTPExceptions raised while reading through)."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the body exceeds {limit} bytes")
+
+
+DB_DOWN = "the database is unavailable; retry shortly"
+RETRY_AFTER = 2  # seconds
+
+
+class Replay:
+    """The request's `receive`, keeping what the app read so that a replay reads it again,
+    and counting body bytes against `limit` (413 past it)."""
+
+    __slots__ = ("limit", "read", "received", "replayed", "source")
+
+    def __init__(self, source: Receive) -> None:
+        self.source = source
+        self.limit: int | None = None
+        self.read: list[Message] = []
+        self.replayed = 0
+        self.received = 0
+
+    async def receive(self) -> Message:
+        if self.replayed < len(self.read):
+            self.replayed += 1
+            return self.read[self.replayed - 1]
+        message = await self.source()
+        if message["type"] == "http.request":
+            self.read.append(message)
+            self.replayed += 1
+            self.received += len(message.get("body", b""))
+            if self.limit is not None and self.received > self.limit:
+                raise BodyTooLarge(self.limit)
+        return message
+
+    def rewind(self) -> None:
+        self.replayed = 0
 
 
 class Gate:
@@ -276,53 +346,61 @@ class Gate:
                 message["headers"] = [*headers, *extra_headers]
             await send(message)
 
-        async def reject(status: int, detail: str, slug: str | None = None) -> None:
+        async def reject(
+            status: int, detail: str, slug: str | None = None, retry_after: int | None = None
+        ) -> None:
             body = json.dumps(problem_body(status, detail, request_id, slug)).encode()
+            headers = [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            if retry_after is not None:
+                headers.append((b"retry-after", str(retry_after).encode()))
             await send_with_headers(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [
-                        (b"content-type", b"application/problem+json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
+                {"type": "http.response.start", "status": status, "headers": headers}
             )
             await send({"type": "http.response.body", "body": body})
 
         limit = BULK_BODY_LIMIT if path in BULK_PATHS else BODY_LIMIT
+        replay = Replay(receive)
         try:
-            if (length is None or length == b"0") and not chunked:
-                await self.app(scope, receive, send_with_headers)
-                return
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                media = (content_type or b"").split(b";")[0].strip().lower()
-                if media != b"application/json" and not media.endswith(b"+json"):
-                    await reject(415, "request bodies must be application/json", "not-json")
+            if (length is not None and length != b"0") or chunked:
+                if scope["method"] in ("POST", "PUT", "PATCH"):
+                    media = (content_type or b"").split(b";")[0].strip().lower()
+                    if media != b"application/json" and not media.endswith(b"+json"):
+                        await reject(415, "request bodies must be application/json", "not-json")
+                        return
+                if length is not None and (not length.isdigit() or int(length) > limit):
+                    await reject(413, f"the body exceeds {limit} bytes", "too-large")
                     return
-            if length is not None and (not length.isdigit() or int(length) > limit):
-                await reject(413, f"the body exceeds {limit} bytes", "too-large")
-                return
-            received = 0
-
-            async def limited_receive() -> Message:
-                nonlocal received
-                message = await receive()
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(limit)
-                return message
-
-            await self.app(scope, limited_receive, send_with_headers)
+                replay.limit = limit
+            for attempt in range(1, CONFLICT_RETRIES + 2):
+                try:
+                    await self.app(scope, replay.receive, send_with_headers)
+                    return
+                except Exception as error:
+                    # A deadlock or serialization failure rolled the whole transaction
+                    # back: the request can run again, as long as nothing was sent.
+                    if status or attempt > CONFLICT_RETRIES or failure(error) != "conflict":
+                        raise
+                    log.info("replaying request %s after a conflict: %r", request_id, error)
+                    replay.rewind()
+                    await asyncio.sleep(random.uniform(0.005, 0.05) * attempt)  # noqa: S311
         except BodyTooLarge:
             if not status:
                 await reject(413, f"the body exceeds {limit} bytes", "too-large")
-        except Exception:
-            log.exception(
-                "unhandled error in %s %s (request %s)", scope["method"], path, request_id
-            )
-            if not status:
-                await reject(500, "internal error; quote the request id when reporting it")
+        except Exception as error:
+            if (kind := failure(error)) is not None:
+                log.warning("database %s in %s %s (request %s): %r",
+                            kind, scope["method"], path, request_id, error)  # fmt: skip
+                if not status:
+                    await reject(503, DB_DOWN, "database-unavailable", retry_after=RETRY_AFTER)
+            else:
+                log.exception(
+                    "unhandled error in %s %s (request %s)", scope["method"], path, request_id
+                )
+                if not status:
+                    await reject(500, "internal error; quote the request id when reporting it")
         finally:
             if self.metrics is not None or access_log.isEnabledFor(logging.INFO):
                 self.finished(scope, request_id, status or 500, streamed, started)
@@ -359,7 +437,8 @@ class JSONLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -368,6 +447,21 @@ class JSONLogFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """logging.config's dictionary for the server: uvicorn's own loggers write the same JSON
+    lines as channelgate's (uvicorn applies it in every worker)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JSONLogFormatter}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json"}},
+        "loggers": {
+            name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "channelgate")
+        },
+    }
 
 
 def configure_logging(level: str) -> None:
@@ -417,8 +511,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    for error_type in DB_UNAVAILABLE:
-        app.add_exception_handler(error_type, database_unavailable)
     app.include_router(bot)  # first: routes are matched in order, and the bot's are hot
     # The policy read is the one route called for every message: served by a bare route
     # ahead of its documented FastAPI twin (see policy.py; measured: bench/README.md).

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 from starlette.requests import HTTPConnection
 
-from db import AUDIT, Database, SessionDep, announce
+from db import AUDIT, BOT_KEY, Database, SessionDep, announce
 from models import ROLE_RANK, AuditLog, BotKey, BotKeyCreated, Role, Staff, utcnow
 from settings import BOT_KEY_RE, Settings
 
@@ -105,23 +105,32 @@ class BotIdentity:
 
 class BotKeyCache:
     """key hash -> identity (or None: unknown or revoked) for a few seconds, so the hot path
-    makes no database round trip per request, and a revocation lands within BOT_KEY_TTL."""
+    makes no database round trip per request. A revocation is announced (topic BOT_KEY) and
+    drops the key here and on every replica at commit; BOT_KEY_TTL bounds what a missed
+    announcement can leave behind."""
 
-    def __init__(self) -> None:
+    def __init__(self, db: Database) -> None:
+        self.db = db
         self.entries: dict[str, tuple[float, BotIdentity | None]] = {}
         self.loading: dict[str, asyncio.Task[BotIdentity | None]] = {}
+        self.generation = 0  # bumped by every invalidation: a racing load does not cache
+        db.on(BOT_KEY, lambda key_hashes: self.invalidate(*key_hashes))
 
-    async def load(self, db: Database, key_hash: str) -> BotIdentity | None:
+    async def load(self, key_hash: str) -> BotIdentity | None:
         """One database lookup per key however many requests miss at once (when an entry
         expires under load, every in-flight request of that bot misses together)."""
         task = self.loading.get(key_hash)
         if task is None:
-            task = asyncio.ensure_future(_load_bot_key(db, key_hash))
+            task = asyncio.ensure_future(_load_bot_key(self.db, key_hash))
             self.loading[key_hash] = task
+            generation = self.generation
 
             def done(finished: asyncio.Task[BotIdentity | None]) -> None:
-                self.loading.pop(key_hash, None)
-                if not finished.cancelled() and finished.exception() is None:
+                if self.loading.get(key_hash) is finished:
+                    del self.loading[key_hash]
+                if finished.cancelled() or finished.exception() is not None:
+                    return
+                if generation == self.generation:  # no revocation since the read began
                     self.put(key_hash, finished.result())
 
             task.add_done_callback(done)
@@ -138,8 +147,16 @@ class BotKeyCache:
             self.entries.clear()  # bounded: a flood of random keys cannot grow memory
         self.entries[key_hash] = (time.monotonic() + BOT_KEY_TTL, identity)
 
-    def invalidate(self, key_hash: str) -> None:
-        self.entries.pop(key_hash, None)
+    def invalidate(self, *key_hashes: str) -> None:
+        self.generation += 1
+        for key_hash in key_hashes:
+            self.entries.pop(key_hash, None)
+            self.loading.pop(key_hash, None)  # later requests read again, after the change
+
+    def clear(self) -> None:
+        self.generation += 1
+        self.entries.clear()
+        self.loading.clear()
 
 
 def hash_key(key: str) -> str:
@@ -167,12 +184,25 @@ class AuthState:
         self.settings = settings
         self.db = db
         self.jwks = JWKS(settings.jwks_url, http) if settings.jwks_url else None
-        self.bot_keys = BotKeyCache()
+        self.bot_keys = BotKeyCache(db)
         self.env_bot_keys = {
             hash_key(key): BotIdentity(id=f"env:{name}", name=name)
             for name, key in settings.env_bot_keys.items()
         }
         self.owner_ids = set(settings.owner_user_ids)
+
+    def describe(self) -> str:
+        """Which token checks are on, for the start-up log."""
+        settings = self.settings
+        checks = [
+            f"ES256/RS256 via JWKS {settings.jwks_url}" if self.jwks else "no JWKS",
+            "HS256 with SUPABASE_JWT_SECRET" if settings.supabase_jwt_secret else "no HS256",
+            f"issuer {settings.jwt_issuer}",
+            f"audience {settings.supabase_jwt_audience}",
+            "aal2 for owners" if settings.require_aal2_for_owners else "aal1 enough for owners",
+            f"{len(self.owner_ids)} env owners, {len(self.env_bot_keys)} env bot keys",
+        ]
+        return "; ".join(checks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,7 +419,7 @@ async def authenticate_bot(
     identity = state.env_bot_keys.get(key_hash)
     if identity is None:
         cached = state.bot_keys.get(key_hash)
-        identity = cached[1] if cached else await state.bot_keys.load(state.db, key_hash)
+        identity = cached[1] if cached else await state.bot_keys.load(key_hash)
     if identity is None:
         raise unauthorized("unknown or revoked bot key")
     return Principal(kind="bot", id=identity.id, name=identity.name, request_id=request_id)

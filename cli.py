@@ -2,10 +2,11 @@
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jwt
 from pydantic import ValidationError
@@ -23,9 +24,22 @@ def load_settings() -> Settings:
 
 
 def serve(args: argparse.Namespace) -> None:
+    import os
+
     import uvicorn
 
+    from app import log_config
+
     settings = load_settings()
+    if settings.is_sqlite and args.workers > 1:
+        sys.exit(
+            "channelgate: SQLite serves one worker (one writer, one cache); "
+            "use PostgreSQL for --workers > 1"
+        )
+    if settings.should_auto_migrate:
+        # Once, before any worker starts: workers migrating together race each other.
+        asyncio.run(_migrate(settings))
+        os.environ["AUTO_MIGRATE"] = "false"  # the workers read their settings afresh
     if settings.metrics_enabled:
         share_metrics_between_workers()
     uvicorn.run(
@@ -38,8 +52,10 @@ def serve(args: argparse.Namespace) -> None:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
         access_log=False,  # channelgate writes its own structured access log
         proxy_headers=True,
+        timeout_graceful_shutdown=args.drain_seconds,
     )
 
 
@@ -141,6 +157,8 @@ def dev_token(args: argparse.Namespace) -> None:
     settings = load_settings()
     if not settings.supabase_jwt_secret:
         sys.exit("channelgate: dev-token needs SUPABASE_JWT_SECRET (set it in .env)")
+    if args.hours <= 0:
+        sys.exit("channelgate: --hours must be positive")
     if settings.environment == "production":
         sys.exit("channelgate: dev-token is for local use; refusing in production")
     user_id = args.user_id or uuid.uuid4()
@@ -280,7 +298,7 @@ async def _purge(settings: Settings, days: int, batch: int) -> int:
 
     cutoff = utcnow() - timedelta(days=days)
     db = Database(settings)
-    deleted = 0
+    deleted = -1
     try:
         while True:
             # Small batches by primary key: each transaction is short and locks few rows,
@@ -297,66 +315,144 @@ async def _purge(settings: Settings, days: int, batch: int) -> int:
                 )
                 await session.commit()
             count = result.rowcount  # pyrefly: ignore[missing-attribute]
-            deleted += count
+            deleted = max(deleted, 0) + count
             print(f"\rdeleted {deleted:,} events older than {cutoff:%Y-%m-%d %H:%M} UTC", end="",
                   file=sys.stderr, flush=True)  # fmt: skip
             if count < batch:
                 break
     finally:
-        print(file=sys.stderr)
+        if deleted >= 0:
+            print(file=sys.stderr)  # ends the progress line
         await db.dispose()
     return deleted
 
 
 def purge(args: argparse.Namespace) -> None:
     settings = load_settings()
-    days = args.days or settings.retention_days
-    if days < 1:
-        sys.exit("channelgate: --days must be at least 1")
+    days = getattr(args, "days", settings.retention_days)
     deleted = asyncio.run(_purge(settings, days, args.batch))
     print(f"purged {deleted:,} verification events older than {days} days (rollups kept)")
 
 
+def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], else a one-line usage error."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"{low} to {high}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({span})")
+        return value
+
+    parse.__name__ = "integer"  # what argparse names in its message
+    return parse
+
+
+def settings_help() -> str:
+    from settings import Settings
+
+    names = ", ".join(name.upper() for name in Settings.model_fields)
+    return (
+        "Configuration comes from the environment or ./.env (see README.md): "
+        f"{names}. Defaults need no setup: SQLite in ./channelgate.db."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="channelgate", description=__doc__)
+    defaults, epilog = argparse.ArgumentDefaultsHelpFormatter, settings_help()
+    parser = argparse.ArgumentParser(
+        prog="channelgate", description=__doc__, epilog=epilog, formatter_class=defaults
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("serve", help="run the HTTP service")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help, description=help, epilog=epilog, formatter_class=defaults
+        )
+
+    p = command("serve", "run the HTTP service (migrates first when AUTO_MIGRATE is on)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=at_least(0, 65535), default=8000, help="TCP port")
+    p.add_argument(
+        "--workers", type=at_least(1, 64), default=1, help="processes (PostgreSQL only if > 1)"
+    )
     p.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
+    p.add_argument(
+        "--drain-seconds", type=at_least(1, 600), default=10,
+        help="on SIGTERM, how long in-flight requests get to finish",
+    )  # fmt: skip
     p.set_defaults(run=serve)
 
-    p = commands.add_parser("migrate", help="bring the database schema up to date")
+    p = command("migrate", "bring the database schema up to date")
     p.set_defaults(run=migrate)
 
-    p = commands.add_parser("create-bot-key", help="create a bot API key and print it once")
-    p.add_argument("name")
+    p = command("create-bot-key", "create a bot API key and print it once")
+    p.add_argument("name", help="what the key is for, 1 to 64 characters")
     p.set_defaults(run=create_bot_key)
 
-    p = commands.add_parser("dev-token", help="mint a local HS256 token and make its user staff")
-    p.add_argument("--user-id", type=uuid.UUID, help="Supabase user UUID (default: a new one)")
-    p.add_argument("--role", choices=["owner", "editor", "viewer"], default="owner")
-    p.add_argument("--email", default=None)
-    p.add_argument("--hours", type=float, default=12.0)
-    p.add_argument("--aal", choices=["aal1", "aal2"], default="aal1")
+    p = command("dev-token", "mint a local HS256 token and make its user staff")
+    p.add_argument("--user-id", type=uuid.UUID, help="Supabase user UUID (default: new)")
+    p.add_argument("--role", choices=["owner", "editor", "viewer"], default="owner", help="role")
+    p.add_argument("--email", default=None, help="email claim (default: none)")
+    p.add_argument("--hours", type=float, default=12.0, help="token lifetime")
+    p.add_argument("--aal", choices=["aal1", "aal2"], default="aal1", help="assurance level")
     p.set_defaults(run=dev_token)
 
-    p = commands.add_parser("seed-demo", help="fill the database with realistic demo data")
-    p.add_argument("--groups", type=int, default=8, choices=range(1, 201), metavar="1..200")
-    p.add_argument("--events", type=int, default=20_000)
-    p.add_argument("--days", type=int, default=30)
-    p.add_argument("--seed", type=int, default=1)
+    p = command("seed-demo", "fill the database with realistic demo data")
+    p.add_argument("--groups", type=at_least(1, 200), default=8, help="groups, 1 to 200")
+    p.add_argument("--events", type=at_least(0, 100_000_000), default=20_000, help="events")
+    p.add_argument("--days", type=at_least(1, 3650), default=30, help="spread over days")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
     p.set_defaults(run=seed_demo)
 
-    p = commands.add_parser("purge", help="delete raw verification events past retention")
-    p.add_argument("--days", type=int, default=None, help="default: RETENTION_DAYS (90)")
-    p.add_argument("--batch", type=int, default=10_000)
+    p = command("purge", "delete raw verification events past retention")
+    p.add_argument(
+        "--days", type=at_least(1, 3650), default=argparse.SUPPRESS,
+        help="keep this many days (default: RETENTION_DAYS, 90)",
+    )  # fmt: skip
+    p.add_argument(
+        "--batch", type=at_least(1, 1_000_000), default=10_000, help="rows per transaction"
+    )
     p.set_defaults(run=purge)
 
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except Exception as error:
+        sys.exit(f"channelgate: {explain(error)}")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("channelgate")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def explain(error: Exception) -> str:
+    """One line for a failed command; a traceback only for what is a bug."""
+    from sqlalchemy import exc as sa_exc
+
+    from db import failure
+
+    cause = getattr(error, "orig", None) or error.__cause__ or error
+    if failure(error) == "unavailable":
+        return f"the database is unreachable or unavailable: {cause}"
+    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    if isinstance(error, sa_exc.DBAPIError) and re.search(
+        r"alembic_version|does not exist|no such table", str(error)
+    ):
+        return f"the database has no channelgate schema ({text}); run `channelgate migrate`"
+    if isinstance(error, (sa_exc.DBAPIError, OSError)):
+        return f"database error: {text}"
+    raise error
 
 
 if __name__ == "__main__":

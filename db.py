@@ -7,6 +7,7 @@ How a write reaches this process's caches, the other replicas and the live feed:
         announce(session, POLICY, chat_ids)     policy.changed(): a group's policy changed
         announce(session, AUDIT, [row id])      auth.audit(): an audit row was written
         announce(session, VERIFICATION, ids)    ingest.ingest(): events were stored
+        announce(session, BOT_KEY, [key hash])  revoke_bot_key(): the key stops working
     await session.commit()
       ├─ before_commit (PostgreSQL): one pg_notify per chunk of ids on the `channelgate`
       │  channel, in the same transaction: other replicas hear of it only if it commits
@@ -23,12 +24,13 @@ commits except through PostgreSQL.
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import json
 import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +56,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -75,7 +78,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # ---------------------------------------------------------------- engine, sessions, topics
 
 NOTIFY_CHANNEL = "channelgate"
-POLICY, AUDIT, VERIFICATION = "policy", "audit", "verification"
+POLICY, AUDIT, VERIFICATION, BOT_KEY = "policy", "audit", "verification", "bot_key"
 MAX_PAYLOAD = 7900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
 NOTIFY_MANY = text(
     "SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"
@@ -93,15 +96,136 @@ def make_engine(settings: Settings) -> AsyncEngine:
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
-        settings.database_url,
+    pooled = settings.database_pool_mode == "transaction"
+    connect = connector(settings.database_url, settings, pooled)
+    engine = create_async_engine(
+        "postgresql+asyncpg://",
+        # SQLAlchemy's async_creator cannot pass the adapter's own arguments; this is its
+        # documented long form. Behind a transaction pooler every statement is prepared
+        # under a fresh name and never cached (a name must not meet another client's).
+        creator=lambda: engine.sync_engine.dialect.dbapi.connect(  # pyrefly: ignore[missing-attribute]
+            async_creator_fn=connect,
+            prepared_statement_cache_size=0 if pooled else 100,
+            prepared_statement_name_func=(lambda: f"cg_{uuid.uuid4().hex}") if pooled else None,
+        ),
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
-        pool_timeout=10,
+        pool_timeout=settings.database_pool_timeout,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"timeout": 5, "server_settings": {"application_name": "channelgate"}},
+        hide_parameters=True,  # user data stays out of logged SQL errors
     )
+    event.listen(engine.sync_engine, "handle_error", _driver_failure)
+    return engine
+
+
+class Unreachable(Exception):
+    """The driver could not reach PostgreSQL, or lost it mid-statement: raised in place of
+    the bare OSError or TimeoutError the driver lets through, so that those two classes
+    elsewhere in the process are never taken for a database failure."""
+
+
+# libpq URL parameters that asyncpg does not know: it would send them to the server as
+# settings, and the server refuses the connection. Client-side TCP and GSS tuning only.
+LIBPQ_ONLY = frozenset({
+    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+    "tcp_user_timeout", "gssencmode", "gssdelegation", "channel_binding", "sslsni",
+    "sslcompression", "load_balance_hosts", "requirepeer",
+})  # fmt: skip
+
+
+def asyncpg_dsn(url: str) -> tuple[str, float | None]:
+    """A libpq-style URL (as Supabase, Neon, RDS and `psql` take it) as asyncpg takes it,
+    and its connect_timeout. asyncpg reads sslmode, sslrootcert, target_session_attrs and
+    the other TLS and host parameters itself, and sends the rest to the server."""
+    parsed = make_url(url)
+    query = {k: v for k, v in parsed.query.items() if k not in LIBPQ_ONLY}
+    if ignored := sorted(set(parsed.query) - set(query)):
+        log.info("ignoring libpq-only URL parameters asyncpg has no use for: %s", ignored)
+    timeout = query.pop("connect_timeout", None)
+    if (fallback := query.pop("fallback_application_name", None)) is not None:
+        query.setdefault("application_name", fallback)
+    if query.pop("requiressl", None) == "1":
+        query.setdefault("sslmode", "require")
+    dsn = parsed.set(drivername="postgresql", query=query).render_as_string(False)
+    return dsn, float(str(timeout)) if timeout else None
+
+
+def connector(url: str, settings: Settings, pooled: bool) -> Callable[[], Awaitable[Any]]:
+    """An async function that opens one asyncpg connection with every wait bounded: the
+    connect, each command (client side), and each statement and lock wait (server side;
+    behind a transaction pooler, per transaction: see `_bounded_transaction`)."""
+    import asyncpg
+
+    dsn, url_timeout = asyncpg_dsn(url)
+    server_settings = {"application_name": "channelgate"}
+    if not pooled:  # a transaction pooler refuses unknown startup parameters
+        server_settings |= server_timeouts(settings)
+
+    async def connect() -> Any:
+        try:
+            return await asyncpg.connect(
+                dsn,
+                timeout=url_timeout or settings.database_connect_timeout,
+                command_timeout=settings.database_command_timeout,
+                statement_cache_size=0 if pooled else 100,
+                server_settings=server_settings,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise Unreachable(f"cannot connect to PostgreSQL: {exc!r}") from exc
+
+    return connect
+
+
+def server_timeouts(settings: Settings) -> dict[str, str]:
+    return {
+        "statement_timeout": f"{int(settings.database_statement_timeout * 1000)}ms",
+        "lock_timeout": f"{int(settings.database_lock_timeout * 1000)}ms",
+    }
+
+
+def _driver_failure(context: Any) -> Exception | None:
+    """SQLAlchemy's handle_error hook: a bare OSError or TimeoutError out of the driver
+    during a statement, commit or rollback is a lost link; the connection is discarded."""
+    error = context.original_exception
+    if isinstance(error, (OSError, TimeoutError)):
+        context.is_disconnect = True
+        return Unreachable(f"lost the PostgreSQL connection: {error!r}")
+    return None
+
+
+# SQLSTATEs that mean "the database is not there right now": retry later, not a bug.
+UNAVAILABLE_STATES = frozenset({
+    "57P01",  # admin_shutdown: the backend was terminated (restart, failover, pg_terminate)
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now: starting up, shutting down, in recovery
+    "57014",  # query_canceled: statement_timeout fired
+    "55P03",  # lock_not_available: lock_timeout fired
+    "25006",  # read_only_sql_transaction: a standby after failover
+    "53300",  # too_many_connections
+    "53000", "53100", "53200",  # insufficient resources, disk full, out of memory
+})  # fmt: skip
+SQLITE_UNAVAILABLE = frozenset({"SQLITE_CANTOPEN", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL"})
+CONFLICT_STATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+
+
+def failure(error: BaseException) -> str | None:
+    """"unavailable" for a lost or overloaded database, "conflict" for a transaction worth
+    replaying, None for anything else (a bug). Only the driver's and PostgreSQL's own
+    errors count: see Unreachable."""
+    if isinstance(error, (Unreachable, sa_exc.TimeoutError)):  # TimeoutError: pool checkout
+        return "unavailable"
+    if not isinstance(error, sa_exc.DBAPIError):
+        return None
+    state: str = getattr(error.orig, "sqlstate", None) or ""
+    if state in CONFLICT_STATES:
+        return "conflict"
+    if error.connection_invalidated or state.startswith("08") or state in UNAVAILABLE_STATES:
+        return "unavailable"
+    # SQLite: the file cannot be opened, or another process holds the write lock too long
+    if getattr(error.orig, "sqlite_errorname", "") in SQLITE_UNAVAILABLE:
+        return "unavailable"
+    return None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -126,10 +250,14 @@ class Database:
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self.origin = secrets.token_hex(4)  # tells this process's notifications from others'
         self.handlers: dict[str, Handler] = {}
+        self.listener: Listener | None = None  # PostgreSQL: the link to the other replicas
         sync_maker = sessionmaker()
         event.listen(sync_maker, "before_commit", self._notify)
         event.listen(sync_maker, "after_commit", self._deliver_here)
         event.listen(sync_maker, "after_rollback", _forget)
+        if settings.database_pool_mode == "transaction" and self.is_postgres:
+            timeouts = server_timeouts(settings)
+            event.listen(sync_maker, "after_begin", lambda *args: _bounded(args[2], timeouts))
         self.sessionmaker = async_sessionmaker(
             self.engine, expire_on_commit=False, sync_session_class=sync_maker
         )
@@ -164,6 +292,19 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+BOUND_TRANSACTION = text(
+    "SELECT set_config('statement_timeout', :statement_timeout, true),"
+    " set_config('lock_timeout', :lock_timeout, true)"
+)
+
+
+def _bounded(connection: Any, timeouts: dict[str, str]) -> None:
+    """Behind a transaction pooler the server timeouts cannot be startup parameters (the
+    pooler refuses them) nor session settings (the next transaction may run on another
+    backend): each transaction sets them for itself, one round trip."""
+    connection.execute(BOUND_TRANSACTION, timeouts)
 
 
 def announce(session: AsyncSession | Session, topic: str, items: Iterable[object]) -> None:
@@ -214,6 +355,27 @@ def alembic_config(database_url: str | None = None) -> Config:
     if database_url:
         config.attributes["database_url"] = database_url
     return config
+
+
+@functools.cache
+def schema_head() -> str:
+    """The revision this code needs: the head of migrations/."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+async def schema_revision(session: AsyncSession) -> str | None:
+    """The revision the database is at; None if it was never migrated."""
+    try:
+        async with session.begin_nested():
+            return await session.scalar(text("SELECT version_num FROM alembic_version"))
+    except (sa_exc.ProgrammingError, sa_exc.OperationalError) as error:  # no such table
+        if failure(error) is not None:
+            raise
+        return None
 
 
 async def migrate(db: Database) -> None:
@@ -401,39 +563,66 @@ async def count(session: AsyncSession, statement: AnySelect) -> int:
 
 
 class Listener:
-    """One dedicated PostgreSQL connection that LISTENs for the other replicas'
-    announcements and hands them to `Database.heard`. Reconnects forever; after a reconnect
-    it calls `on_reconnect`, since notifications sent while it was away are lost."""
+    """One dedicated PostgreSQL session connection that LISTENs for the other replicas'
+    announcements and hands them to `Database.heard`.
 
-    def __init__(self, database_url: str, db: Database, on_reconnect: Callable[[], None]) -> None:
-        self.dsn = make_url(database_url).set(drivername="postgresql").render_as_string(False)
+    It never gives up: any error but cancellation means reconnect, with backoff. A ping
+    every few seconds notices a silent partition (a socket that stays open while nothing
+    arrives). While the link is down `linked` is clear: the caches stop trusting their
+    entries past a short bound (`on_unlinked`), and `on_linked` drops them once it is back,
+    since notifications sent meanwhile are lost."""
+
+    PING_EVERY = 2.0
+    BACKOFF = (0.2, 5.0)  # first and longest wait between attempts, seconds
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        on_linked: Callable[[], None],
+        on_unlinked: Callable[[], None],
+    ) -> None:
+        self.dsn, url_timeout = asyncpg_dsn(settings.listen_url)
+        self.timeout = url_timeout or settings.database_connect_timeout
         self.db = db
-        self.on_reconnect = on_reconnect
-        self.connected = asyncio.Event()
+        self.on_linked = on_linked
+        self.on_unlinked = on_unlinked
+        self.linked = asyncio.Event()
 
     async def run(self) -> None:
         import asyncpg
 
+        wait = self.BACKOFF[0]
         while True:
             connection = None
             try:
-                connection = await asyncpg.connect(self.dsn, timeout=5)
+                connection = await asyncpg.connect(
+                    self.dsn,
+                    timeout=self.timeout,
+                    server_settings={"application_name": "channelgate-listen"},
+                )
                 closed = asyncio.Event()
                 connection.add_termination_listener(lambda _, done=closed: done.set())
                 await connection.add_listener(
                     NOTIFY_CHANNEL, lambda _c, _p, _ch, payload: self.db.heard(payload)
                 )
-                self.on_reconnect()
-                self.connected.set()
+                self.on_linked()
+                self.linked.set()
+                wait = self.BACKOFF[0]
                 while not closed.is_set():
-                    try:
-                        await asyncio.wait_for(closed.wait(), timeout=30)
-                    except TimeoutError:  # a silent network failure never closes the socket
-                        await connection.fetchval("SELECT 1", timeout=5)
-            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-                log.warning("LISTEN connection failed: %r; retrying", exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(closed.wait(), timeout=self.PING_EVERY)
+                    if not closed.is_set():
+                        await connection.fetchval("SELECT 1", timeout=self.timeout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("LISTEN link lost: %r; retrying in %.1fs", exc, wait)
             finally:
-                self.connected.clear()
-                if connection is not None and not connection.is_closed():
-                    await connection.close(timeout=2)
-            await asyncio.sleep(2)
+                if self.linked.is_set():
+                    self.linked.clear()
+                    self.on_unlinked()
+                if connection is not None:
+                    connection.terminate()  # never waits, never raises
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, self.BACKOFF[1])

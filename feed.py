@@ -26,6 +26,7 @@ log = logging.getLogger("channelgate.feed")
 QUEUE_SIZE = 1000
 MAX_SUBSCRIBERS = 1000
 RETRY_MS = 3000
+END = ""  # the queue's last item when the process drains
 
 
 @dataclass(eq=False)
@@ -39,6 +40,8 @@ class Subscriber:
         yield ServerSentEvent(retry=RETRY_MS)
         while True:
             kind, data = await self.queue.get()
+            if kind == END:
+                return  # the process is shutting down: the client reconnects elsewhere
             if self.dropped:
                 yield ServerSentEvent(event="dropped", raw_data=json.dumps({"count": self.dropped}))
                 self.dropped = 0
@@ -51,11 +54,12 @@ class Feed:
         self.metrics = metrics
         self.subscribers: set[Subscriber] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
         for topic in (AUDIT, VERIFICATION):
             db.on(topic, lambda ids, kind=topic: self.announced(kind, ids))
 
     def subscribe(self) -> Subscriber | None:
-        if len(self.subscribers) >= MAX_SUBSCRIBERS:
+        if self.draining or len(self.subscribers) >= MAX_SUBSCRIBERS:
             return None
         subscriber = Subscriber()
         self.subscribers.add(subscriber)
@@ -66,6 +70,16 @@ class Feed:
         if subscriber in self.subscribers:
             self.subscribers.discard(subscriber)
             self.metrics.feed_subscribers.dec()
+
+    def drain(self) -> None:
+        """End every stream (after what is queued; a full queue makes room) and take no
+        new subscribers: the process is about to stop."""
+        self.draining = True
+        for subscriber in self.subscribers:
+            if subscriber.queue.full():
+                subscriber.queue.get_nowait()
+                subscriber.dropped += 1
+            subscriber.queue.put_nowait((END, ""))
 
     def publish(self, kind: str, data: str) -> None:
         for subscriber in self.subscribers:
@@ -114,7 +128,8 @@ async def subscription(connection: HTTPConnection) -> AsyncIterator[Subscriber]:
     feed = feed_of(connection)
     subscriber = feed.subscribe()
     if subscriber is None:
-        raise HTTPException(503, "too many live-feed subscribers", headers={"Retry-After": "30"})
+        detail = "shutting down" if feed.draining else "too many live-feed subscribers"
+        raise HTTPException(503, detail, headers={"Retry-After": "30"})
     try:
         yield subscriber
     finally:

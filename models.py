@@ -1050,6 +1050,14 @@ class CountedPage[T](Page[T]):
     total: int
 
 
+class Readiness(BaseModel):
+    status: Literal["ok"]
+    schema_revision: str = Field(description="the Alembic revision the database is at")
+    replica_link: Literal["up", "none"] = Field(
+        description="the LISTEN link to the other replicas: up, or none on SQLite"
+    )
+
+
 class ProblemError(BaseModel):
     loc: list[str | int]
     msg: str

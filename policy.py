@@ -10,6 +10,8 @@ ahead of its documented FastAPI twin: dependency solving, Request objects and ro
 matching were most of the hot path's cost (measured in bench/README.md).
 """
 
+import time
+
 from fastapi import HTTPException
 from fastapi.responses import Response
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,6 +34,7 @@ from models import (
 )
 
 MAX_ENTRIES = 100_000
+UNLINKED_TRUST = 1.0  # seconds an entry is trusted while this replica cannot hear the others
 PATH = "/api/v1/bot/groups/{chat_id}/policy"
 
 Entry = tuple[bytes, str] | None  # (serialized policy, ETag), or None for "no such group"
@@ -78,7 +81,17 @@ class Policies:
         self.db = db
         self.entries: dict[int, Entry] = {}
         self.generation = 0
+        # On PostgreSQL other replicas' changes arrive through the Listener; until it is
+        # linked (and whenever it is not) nothing cached is older than UNLINKED_TRUST.
+        self.linked = not db.is_postgres
+        self.expires = 0.0
         db.on(POLICY, lambda chat_ids: self.invalidate(*map(int, chat_ids)))
+
+    def link(self, linked: bool) -> None:
+        """The Listener's link came up or went down: either way, what is cached may have
+        missed a change."""
+        self.linked = linked
+        self.clear()
 
     def invalidate(self, *chat_ids: int) -> None:
         self.generation += 1
@@ -92,6 +105,9 @@ class Policies:
     async def get(self, chat_id: int, session: AsyncSession | None = None) -> Entry:
         """The cached entry, or one built now (through `session` if the caller has one: a
         route never waits for a second connection while holding its own)."""
+        if not self.linked and (now := time.monotonic()) >= self.expires:
+            self.clear()
+            self.expires = now + UNLINKED_TRUST
         try:
             return self.entries[chat_id]
         except KeyError:

@@ -25,7 +25,6 @@ from sqlalchemy import (
     func,
     literal,
     or_,
-    text,
     union_all,
     update,
 )
@@ -51,14 +50,18 @@ from auth import (
     snapshot,
 )
 from db import (
+    BOT_KEY,
     INT64_MAX,
     INT64_MIN,
     Keyset,
     PageQuery,
     SessionDep,
+    announce,
     count,
     database,
     paginate,
+    schema_head,
+    schema_revision,
     upsert,
 )
 from feed import Subscriber, subscription
@@ -110,6 +113,7 @@ from models import (
     MemberState,
     Page,
     Policy,
+    Readiness,
     Staff,
     StaffPublic,
     StaffPut,
@@ -1077,11 +1081,10 @@ async def create_bot_key(body: BotKeyCreate, session: SessionDep, actor: Owner) 
 @dashboard.delete("/bot-keys/{key_id}", status_code=204, responses=answers(404), tags=["bot keys"])
 async def revoke_bot_key(
     key_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
-    request: Request,
     session: SessionDep,
     actor: Owner,
 ) -> None:
-    """Revoke a bot key: it stops working within seconds on every replica."""
+    """Revoke a bot key: it stops working at commit, on every replica within a second."""
     row = await session.scalar(select(BotKey).where(BotKey.id == key_id).with_for_update())
     if row is None:
         raise not_found(f"bot key {key_id}")
@@ -1089,8 +1092,8 @@ async def revoke_bot_key(
         before = snapshot(row)
         row.revoked_at = utcnow()
         await actor.audit(session, "bot_key.revoke", "bot_key", key_id, before, snapshot(row))
+        announce(session, BOT_KEY, [row.key_hash])  # dead at commit, here and on every replica
         await session.commit()
-    auth_state(request).bot_keys.invalidate(row.key_hash)
 
 
 # ---------------------------------------------------------------- bots
@@ -1384,11 +1387,24 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@service.get("/readyz", responses={503: {"description": "Database down"}})
-async def readyz(session: SessionDep) -> dict[str, str]:
-    """The database answers."""
-    await session.execute(text("SELECT 1"))
-    return {"status": "ok"}
+@service.get("/readyz", responses={503: {"description": "Not ready: see the problem's detail"}})
+async def readyz(request: Request, session: SessionDep) -> Readiness:
+    """Ready for traffic: the database answers, its schema is the one this code needs, and
+    (on PostgreSQL) the link that tells this replica of the others' changes is up."""
+    at, head = await schema_revision(session), schema_head()
+    listener = database(request).listener
+    link = "none" if listener is None else "up" if listener.linked.is_set() else "down"
+    if at != head:
+        raise HTTPException(
+            503, f"the schema is at {at or 'nothing'}, this code needs {head}: "
+            "run `channelgate migrate`", headers={"Retry-After": "30"},
+        )  # fmt: skip
+    if link == "down":
+        raise HTTPException(
+            503, "the link to the other replicas (LISTEN) is down; reconnecting",
+            headers={"Retry-After": "5"},
+        )  # fmt: skip
+    return Readiness(status="ok", schema_revision=head, replica_link=link)
 
 
 @service.get(

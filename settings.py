@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOCAL_SUPABASE_URL = "http://127.0.0.1:54321"
+MIN_HS256_SECRET = 32  # bytes: RFC 7518 3.2, a key at least as long as the hash
 BOT_KEY_RE = re.compile(r"^cgk_[A-Za-z0-9_-]{43}$")
 
 
@@ -32,6 +33,14 @@ def _user_uuid(value: str) -> str:
         raise ValueError("OWNER_USER_IDS entries must be Supabase user UUIDs") from None
 
 
+def asyncpg_url(url: str) -> str:
+    """postgres:// and postgresql:// URLs (what providers hand out) with the asyncpg driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url.removeprefix(prefix)
+    return url
+
+
 # A comma-separated environment variable (NoDecode: not parsed as JSON first).
 type CommaList[T] = Annotated[list[T], NoDecode, BeforeValidator(_split_commas)]
 
@@ -40,7 +49,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     database_url: str = "sqlite+aiosqlite:///./channelgate.db"
+    # A session connection for LISTEN when DATABASE_URL is a transaction pooler (Supavisor
+    # port 6543, PgBouncer pool_mode=transaction); default: DATABASE_URL itself.
+    database_listen_url: str = ""
+    # "transaction": DATABASE_URL is a transaction pooler: no server-side prepared
+    # statements survive there, and the timeouts are set per transaction.
+    database_pool_mode: Literal["session", "transaction"] = "session"
     database_pool_size: int = Field(default=10, ge=1, le=200)
+    # Every wait on the database is bounded (seconds; see DESIGN.md, "Database faults").
+    database_connect_timeout: float = Field(default=3.0, gt=0, le=60)
+    database_command_timeout: float = Field(default=6.0, gt=0, le=600)
+    database_statement_timeout: float = Field(default=5.0, gt=0, le=600)
+    database_lock_timeout: float = Field(default=2.0, gt=0, le=600)
+    database_pool_timeout: float = Field(default=2.0, gt=0, le=60)
     auto_migrate: bool | None = None  # None: on for SQLite, off for PostgreSQL
 
     supabase_url: str = ""
@@ -59,13 +80,10 @@ class Settings(BaseSettings):
     metrics_enabled: bool = False
     retention_days: int = Field(default=90, ge=1, le=3650)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "database_listen_url")
     @classmethod
     def _asyncpg_driver(cls, url: str) -> str:
-        for prefix in ("postgres://", "postgresql://"):
-            if url.startswith(prefix):
-                return "postgresql+asyncpg://" + url.removeprefix(prefix)
-        return url
+        return asyncpg_url(url)
 
     @field_validator("supabase_url")
     @classmethod
@@ -74,10 +92,31 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _can_verify_tokens(self) -> Self:
-        if self.environment == "production" and not (self.jwks_url or self.supabase_jwt_secret):
+        if self.environment != "production":
+            return self
+        if not (self.jwks_url or self.supabase_jwt_secret):
             raise ValueError(
                 "production needs SUPABASE_URL, SUPABASE_JWKS_URL or SUPABASE_JWT_SECRET "
                 "to verify dashboard tokens"
+            )
+        if self.supabase_jwt_secret and len(self.supabase_jwt_secret.encode()) < MIN_HS256_SECRET:
+            raise ValueError(
+                f"SUPABASE_JWT_SECRET must be at least {MIN_HS256_SECRET} bytes in production "
+                "(anyone who guesses it signs owner tokens); use the project's JWT secret"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _listen_needs_a_session(self) -> Self:
+        if self.database_pool_mode == "transaction" and not self.database_listen_url:
+            raise ValueError(
+                "DATABASE_POOL_MODE=transaction needs DATABASE_LISTEN_URL: LISTEN needs a "
+                "session connection (Supabase: the direct or session-pooler URL)"
+            )
+        if self.database_statement_timeout >= self.database_command_timeout:
+            raise ValueError(
+                "DATABASE_STATEMENT_TIMEOUT must be below DATABASE_COMMAND_TIMEOUT, so that "
+                "PostgreSQL cancels a slow statement before the client gives up on the link"
             )
         return self
 
@@ -88,6 +127,10 @@ class Settings(BaseSettings):
     @property
     def should_auto_migrate(self) -> bool:
         return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @property
+    def listen_url(self) -> str:
+        return self.database_listen_url or self.database_url
 
     @property
     def jwks_url(self) -> str:

@@ -7,11 +7,10 @@ from typing import Literal
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
 import models
-from settings import get_settings
+from db import make_engine
+from settings import asyncpg_url, get_settings
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
@@ -36,12 +35,18 @@ def do_run_migrations(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # An index build on a big table may take longer than any request should; the
+            # lock timeout stays, so a migration never queues the service's queries behind it.
+            connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
         context.run_migrations()
 
 
 async def run_async_migrations() -> None:
-    url = config.attributes.get("database_url") or get_settings().database_url
-    engine = create_async_engine(url, poolclass=NullPool)
+    settings = get_settings()
+    if url := config.attributes.get("database_url"):
+        settings = settings.model_copy(update={"database_url": asyncpg_url(url)})
+    engine = make_engine(settings)  # the service's own: libpq URL parameters, timeouts
     async with engine.connect() as connection:
         await connection.run_sync(do_run_migrations)
     await engine.dispose()

@@ -9,9 +9,12 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import text
 
+from db import schema_head
 from settings import Settings
 from tests.conftest import Harness, clean_database, problem, start_harness
+from tests.factories import listening
 
 pytestmark = pytest.mark.anyio
 
@@ -258,10 +261,32 @@ async def test_cors_off_by_default(client: httpx.AsyncClient):
 # ---------------------------------------------------------------- health, readiness, database down
 
 
-async def test_healthz_and_readyz(client: httpx.AsyncClient):
-    for path in ("/healthz", "/readyz"):
-        response = await client.get(path)
-        assert response.status_code == 200 and response.json() == {"status": "ok"}
+async def test_healthz_and_readyz(harness: Harness):
+    client = harness.client
+    response = await client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    await listening(harness)
+    response = await client.get("/readyz")
+    assert response.status_code == 200, response.text
+    link = "up" if harness.services.db.is_postgres else "none"
+    ready = {"status": "ok", "schema_revision": schema_head(), "replica_link": link}
+    assert response.json() == ready
+
+
+async def test_readyz_is_503_while_the_schema_is_behind(harness: Harness):
+    await listening(harness)
+    async with harness.sessionmaker() as session:
+        await session.execute(text("UPDATE alembic_version SET version_num = 'older'"))
+        await session.commit()
+    try:
+        body = problem(await harness.client.get("/readyz"), 503)
+        assert "schema is at older" in body["detail"] and "channelgate migrate" in body["detail"]
+    finally:
+        async with harness.sessionmaker() as session:
+            await session.execute(
+                text("UPDATE alembic_version SET version_num = :head"), {"head": schema_head()}
+            )
+            await session.commit()
 
 
 DOWN_URLS = [
