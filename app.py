@@ -106,9 +106,7 @@ class Services:
             self.db.listener = Listener(
                 self.settings, self.db, on_linked=self.linked, on_unlinked=self.unlinked
             )
-            self.listener = asyncio.create_task(
-                self.db.listener.run(), name="channelgate-listener"
-            )
+            self.listener = asyncio.create_task(self.db.listener.run(), name="channelgate-listener")
         drain_on_signal(self.feed)
 
     def linked(self) -> None:
@@ -437,7 +435,8 @@ class JSONLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from alembic import command
 from alembic.config import Config
@@ -57,7 +57,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql, registry, sqlite
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -92,14 +93,15 @@ def make_engine(settings: Settings) -> AsyncEngine:
         # One connection: SQLite has a single writer, and queueing requests for the connection
         # is simpler and faster than retrying "database is locked".
         engine = create_async_engine(
-            settings.database_url, pool_size=1, max_overflow=0, pool_timeout=30
-        )
+            settings.database_url, pool_size=1, max_overflow=0, pool_timeout=30,
+            hide_parameters=True,
+        )  # fmt: skip
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     pooled = settings.database_pool_mode == "transaction"
     connect = connector(settings.database_url, settings, pooled)
     engine = create_async_engine(
-        "postgresql+asyncpg://",
+        "postgresql+channelgate://",
         # SQLAlchemy's async_creator cannot pass the adapter's own arguments; this is its
         # documented long form. Behind a transaction pooler every statement is prepared
         # under a fresh name and never cached (a name must not meet another client's).
@@ -117,6 +119,26 @@ def make_engine(settings: Settings) -> AsyncEngine:
     )
     event.listen(engine.sync_engine, "handle_error", _driver_failure)
     return engine
+
+
+class Dialect(PGDialect_asyncpg):
+    """SQLAlchemy's asyncpg dialect, with a pool pre-ping that treats the driver's bare
+    TimeoutError (a silent partition) as the lost connection it is: the pool then opens a
+    new one, bounded by the connect timeout, instead of raising the TimeoutError."""
+
+    supports_statement_cache = True
+
+    def do_ping(self, dbapi_connection: Any) -> Literal[True]:
+        try:
+            return super().do_ping(dbapi_connection)
+        except (OSError, TimeoutError) as error:
+            # At once: SQLAlchemy's own close would first wait 2 s for a goodbye that the
+            # partition swallows. is_disconnect() now sees the connection closed.
+            dbapi_connection.driver_connection.terminate()
+            raise self.loaded_dbapi.InterfaceError(f"connection is closed: {error!r}") from error
+
+
+registry.register("postgresql.channelgate", __name__, "Dialect")
 
 
 class Unreachable(Exception):
@@ -153,26 +175,34 @@ def asyncpg_dsn(url: str) -> tuple[str, float | None]:
 
 def connector(url: str, settings: Settings, pooled: bool) -> Callable[[], Awaitable[Any]]:
     """An async function that opens one asyncpg connection with every wait bounded: the
-    connect, each command (client side), and each statement and lock wait (server side;
-    behind a transaction pooler, per transaction: see `_bounded_transaction`)."""
+    connect, each command (client side), and each statement and lock wait (server side)."""
     import asyncpg
 
     dsn, url_timeout = asyncpg_dsn(url)
-    server_settings = {"application_name": "channelgate"}
-    if not pooled:  # a transaction pooler refuses unknown startup parameters
-        server_settings |= server_timeouts(settings)
+    timeouts = server_timeouts(settings)
+    # Session settings, once per connection: poolers refuse them as startup parameters. A
+    # transaction pooler hands each transaction any backend: there they are set per
+    # transaction instead (see `_bounded`).
+    bound_session = "; ".join(f"SET {name} = '{value}'" for name, value in timeouts.items())
 
     async def connect() -> Any:
         try:
-            return await asyncpg.connect(
+            connection = await asyncpg.connect(
                 dsn,
                 timeout=url_timeout or settings.database_connect_timeout,
                 command_timeout=settings.database_command_timeout,
                 statement_cache_size=0 if pooled else 100,
-                server_settings=server_settings,
+                server_settings={"application_name": "channelgate"},
             )
         except (OSError, TimeoutError) as exc:
             raise Unreachable(f"cannot connect to PostgreSQL: {exc!r}") from exc
+        if not pooled:
+            try:
+                await connection.execute(bound_session)
+            except (OSError, TimeoutError) as exc:
+                connection.terminate()
+                raise Unreachable(f"lost PostgreSQL while connecting: {exc!r}") from exc
+        return connection
 
     return connect
 
@@ -188,10 +218,13 @@ def _driver_failure(context: Any) -> Exception | None:
     """SQLAlchemy's handle_error hook: a bare OSError or TimeoutError out of the driver
     during a statement, commit or rollback is a lost link; the connection is discarded."""
     error = context.original_exception
-    if isinstance(error, (OSError, TimeoutError)):
-        context.is_disconnect = True
-        return Unreachable(f"lost the PostgreSQL connection: {error!r}")
-    return None
+    if not isinstance(error, (OSError, TimeoutError)):
+        return None
+    context.is_disconnect = True
+    if context.connection is not None and not context.connection.invalidated:
+        # At once, as in Dialect.do_ping: the link is gone, no goodbye will get through.
+        context.connection.connection.driver_connection.terminate()
+    return Unreachable(f"lost the PostgreSQL connection: {error!r}")
 
 
 # SQLSTATEs that mean "the database is not there right now": retry later, not a bug.
@@ -210,7 +243,7 @@ CONFLICT_STATES = frozenset({"40001", "40P01"})  # serialization failure, deadlo
 
 
 def failure(error: BaseException) -> str | None:
-    """"unavailable" for a lost or overloaded database, "conflict" for a transaction worth
+    """ "unavailable" for a lost or overloaded database, "conflict" for a transaction worth
     replaying, None for anything else (a bug). Only the driver's and PostgreSQL's own
     errors count: see Unreachable."""
     if isinstance(error, (Unreachable, sa_exc.TimeoutError)):  # TimeoutError: pool checkout

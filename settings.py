@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1, le=200)
     # Every wait on the database is bounded (seconds; see DESIGN.md, "Database faults").
     database_connect_timeout: float = Field(default=3.0, gt=0, le=60)
-    database_command_timeout: float = Field(default=6.0, gt=0, le=600)
-    database_statement_timeout: float = Field(default=5.0, gt=0, le=600)
+    database_command_timeout: float = Field(default=5.0, gt=0, le=600)
+    database_statement_timeout: float = Field(default=4.0, gt=0, le=600)
     database_lock_timeout: float = Field(default=2.0, gt=0, le=600)
     database_pool_timeout: float = Field(default=2.0, gt=0, le=60)
     auto_migrate: bool | None = None  # None: on for SQLite, off for PostgreSQL

@@ -9,7 +9,6 @@ from typing import Any
 
 import anyio
 import httpx
-from sqlalchemy import text
 
 from tests.conftest import Harness
 
@@ -174,20 +173,9 @@ async def eventually(
     raise AssertionError(f"timed out after {timeout} s waiting for {name}")
 
 
-LISTENERS = text(
-    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-    """ AND query = 'LISTEN "channelgate"'"""
-)
-
-
-async def listening(harness: Harness, replicas: int = 1) -> None:
-    """On PostgreSQL, wait until this many app instances LISTEN for the others' announcements
-    (even the replica that made a change hears of it only through NOTIFY); else return."""
-    if not harness.services.db.is_postgres:
-        return
-
-    async def enough() -> bool:
-        async with harness.sessionmaker() as session:
-            return (await session.scalar(LISTENERS) or 0) >= replicas
-
-    await eventually(enough, interval=0.05)
+async def listening(*harnesses: Harness) -> None:
+    """On PostgreSQL, wait until each of these app instances LISTENs for the others'
+    announcements (even the replica that made a change hears of it only through NOTIFY)."""
+    for harness in harnesses:
+        if (listener := harness.services.db.listener) is not None:
+            await eventually(listener.linked.is_set)

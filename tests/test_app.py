@@ -10,8 +10,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
-from db import schema_head
+from db import asyncpg_dsn, schema_head
 from settings import Settings
 from tests.conftest import Harness, clean_database, problem, start_harness
 from tests.factories import listening
@@ -273,6 +274,16 @@ async def test_healthz_and_readyz(harness: Harness):
     assert response.json() == ready
 
 
+async def test_sql_errors_never_show_their_parameters(harness: Harness):
+    async with harness.sessionmaker() as session:
+        with pytest.raises(DBAPIError) as error:
+            await session.execute(
+                text("SELECT * FROM no_such_table WHERE name = :name"), {"name": "user-secret"}
+            )
+    assert "user-secret" not in str(error.value)
+    assert "parameters hidden" in str(error.value)
+
+
 async def test_readyz_is_503_while_the_schema_is_behind(harness: Harness):
     await listening(harness)
     async with harness.sessionmaker() as session:
@@ -420,6 +431,50 @@ async def test_production_needs_a_way_to_verify_tokens(env):
     assert ok.jwks_url == "https://abc.supabase.co/auth/v1/.well-known/jwks.json"
     assert ok.jwt_issuer == "https://abc.supabase.co/auth/v1"
     assert settings(environment="production", supabase_jwt_secret="s" * 32).environment
+
+
+async def test_production_refuses_a_short_hs256_secret(env):
+    # The README's old walkthrough secret signed owner tokens in production.
+    with pytest.raises(ValidationError, match="at least 32 bytes in production"):
+        settings(environment="production", supabase_jwt_secret="local-dev-secret-change-me")
+    assert settings(supabase_jwt_secret="short").supabase_jwt_secret == "short"  # development
+
+
+async def test_database_settings_that_cannot_work_are_refused(env):
+    pooler = "postgresql://u@pooler.example:6543/postgres"
+    with pytest.raises(ValidationError, match="DATABASE_LISTEN_URL: LISTEN needs a session"):
+        settings(database_url=pooler, database_pool_mode="transaction")
+    ok = settings(
+        database_url=pooler,
+        database_pool_mode="transaction",
+        database_listen_url="postgres://u@pooler.example:5432/postgres",
+    )
+    assert ok.listen_url == "postgresql+asyncpg://u@pooler.example:5432/postgres"
+    with pytest.raises(ValidationError, match="must be below DATABASE_COMMAND_TIMEOUT"):
+        settings(database_statement_timeout=5, database_command_timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("query", "dsn", "seconds"),
+    [
+        ("sslmode=require", "postgresql://u:p@h:5432/d?sslmode=require", None),
+        (
+            "sslmode=verify-full&sslrootcert=/ca.pem&connect_timeout=7",
+            "postgresql://u:p@h:5432/d?sslmode=verify-full&sslrootcert=%2Fca.pem",
+            7.0,
+        ),
+        ("keepalives=1&keepalives_idle=30&gssencmode=disable", "postgresql://u:p@h:5432/d", None),
+        ("requiressl=1", "postgresql://u:p@h:5432/d?sslmode=require", None),
+        (
+            "fallback_application_name=psql&target_session_attrs=read-write",
+            "postgresql://u:p@h:5432/d?application_name=psql&target_session_attrs=read-write",
+            None,
+        ),
+    ],
+    ids=["sslmode", "verify-full", "libpq-only", "requiressl", "fallback-name"],
+)
+async def test_libpq_url_parameters_are_translated_for_asyncpg(query, dsn, seconds):
+    assert asyncpg_dsn(f"postgresql+asyncpg://u:p@h:5432/d?{query}") == (dsn, seconds)
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ async def test_policy_change_reaches_another_replica(
     client = harness.client
     await register_group(client, bot)
     async for other in start_harness(database_url, jwks_server.url, tokens):
-        await listening(harness, replicas=2)  # both replicas LISTEN; now warm the other's cache
+        await listening(harness, other)  # both replicas LISTEN; now warm the other's cache
         assert (await policy(other.client, bot)).json()["mode"] == "all"
         await client.patch(f"/api/v1/groups/{GROUP}", json={"mode": "any"}, headers=editor)
 

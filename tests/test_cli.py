@@ -1,26 +1,31 @@
 """The `channelgate` command: in-process through `cli.main` (fast), and as a real process for what
 only a process shows (exit status, stderr, the installed console script)."""
 
+import json
 import os
 import re
+import signal
+import socket
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import jwt
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import cli
 from auth import hash_key
 from db import alembic_config
 from settings import Settings, get_settings
-from tests.conftest import HS_SECRET, ISSUER, ROOT, SUPABASE_URL, start_harness
+from tests.conftest import ENV_OWNER, HS_SECRET, ISSUER, ROOT, SUPABASE_URL, start_harness
+from tests.factories import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -205,3 +210,146 @@ async def test_installed_console_script(work: Workdir):
     result = await anyio.run_process([str(script), "migrate"], cwd=work.path, env=env, check=False)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode() == "database is at the latest schema\n"
+
+
+# ---------------------------------------------------------------- failing like a tool
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["purge", "--batch", "0"], {}, "argument --batch: 0 is out of range (1 to 1000000)"),
+        (["purge", "--days", "0"], {}, "argument --days: 0 is out of range (1 to 3650)"),
+        (["seed-demo", "--events", "-5"], {}, "argument --events: -5 is out of range"),
+        (["seed-demo", "--groups", "x"], {}, "argument --groups: 'x' is not an integer"),
+        (["serve", "--workers", "2"], {}, "SQLite serves one worker"),
+        (
+            ["migrate"],
+            {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"},
+            "channelgate: the database is unreachable or unavailable:",
+        ),
+        (
+            ["purge"],
+            {"AUTO_MIGRATE": "false"},
+            "channelgate: the database has no channelgate schema",
+        ),
+        (
+            ["create-bot-key", "ci"],
+            {"AUTO_MIGRATE": "false"},
+            "run `channelgate migrate`",
+        ),
+    ],
+    ids=[
+        "batch-0",
+        "days-0",
+        "negative-events",
+        "not-a-number",
+        "sqlite-workers",
+        "unreachable",
+        "no-schema",
+        "no-schema-key",
+    ],
+)
+async def test_failures_are_one_line_and_a_nonzero_exit(
+    work: Workdir, args: list[str], env: dict[str, str], says: str
+):
+    status, out, err = await work.process(*args, **env)
+    assert status != 0 and out == ""
+    *usage, last = err.strip().splitlines()  # argparse shows its usage first
+    assert says in last and "Traceback" not in err
+    assert all(line.startswith(("usage:", " ")) for line in usage), err
+
+
+async def test_version_and_help(work: Workdir):
+    status, out, _ = await work.process("--version")
+    assert status == 0 and re.fullmatch(r"channelgate \d+\.\d+\.\d+\n", out), out
+    status, out, _ = await work.process("serve", "--help")
+    assert status == 0
+    assert "(default: 8000)" in out and "(default: 10)" in out  # port, drain seconds
+    for name in ("DATABASE_URL", "DATABASE_POOL_MODE", "SUPABASE_JWT_SECRET", "BOT_API_KEYS"):
+        assert name in out
+
+
+# ---------------------------------------------------------------- serve: workers, logs, SIGTERM
+
+
+@pytest.fixture
+async def fresh_pg(database_url: str) -> AsyncIterator[str]:
+    """A PostgreSQL database of this test's own, never migrated."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("several workers need PostgreSQL")
+    name = f"cg_serve_{uuid.uuid4().hex[:10]}"
+    admin = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as connection:
+        await connection.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield make_url(database_url).set(database=name).render_as_string(False)
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        await admin.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
+    work: Workdir, fresh_pg: str, tokens: Any
+):
+    port = free_port()
+    env = {
+        **work.env,
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": fresh_pg,
+        "AUTO_MIGRATE": "true",
+        "LOG_LEVEL": "info",
+        "SUPABASE_JWT_SECRET": HS_SECRET,
+        "SUPABASE_URL": SUPABASE_URL,
+        "OWNER_USER_IDS": ENV_OWNER,
+    }
+    args = ["serve", "--port", str(port), "--workers", "2", "--drain-seconds", "5"]
+    process = await anyio.open_process([sys.executable, "-m", "cli", *args], cwd=work.path, env=env)
+    base = f"http://127.0.0.1:{port}"
+    owner = {"Authorization": f"Bearer {tokens.mint(ENV_OWNER, alg='HS256')}"}
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+
+            async def ready() -> bool:
+                try:
+                    return (await client.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(ready, timeout=60, interval=0.2)
+            assert (await client.get("/api/v1/groups", headers=owner)).status_code == 200
+            async with client.stream("GET", "/api/v1/events", headers=owner) as stream:
+                lines = stream.aiter_lines()
+                assert await anext(lines) == "retry: 3000"
+                process.send_signal(signal.SIGTERM)
+                rest = [line async for line in lines]  # ends: no half-read chunk, no error
+            assert all(line in ("", ": ping") for line in rest), rest
+        with anyio.fail_after(20):
+            status = await process.wait()
+        assert status == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    err = (await process.stderr.receive(1 << 20)).decode()
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert {r["logger"] for r in records} >= {"uvicorn.error", "channelgate"}
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["ts"]) for r in records)
+    assert any("token checks: " in r["msg"] for r in records)
+    # One migration before the workers started: one alembic_version row, the head.
+    engine = create_async_engine(fresh_pg)
+    async with engine.connect() as connection:
+        revisions = (
+            await connection.execute(text("SELECT version_num FROM alembic_version"))
+        ).all()
+    await engine.dispose()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert revisions == [(head,)]

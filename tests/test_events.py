@@ -267,7 +267,7 @@ async def test_events_reach_a_subscriber_on_another_replica(
     if not database_url.startswith("postgresql"):
         pytest.skip("cross-replica delivery rides on PostgreSQL NOTIFY")
     async for other in start_harness(database_url, jwks_server.url, tokens):
-        await listening(harness, replicas=2)
+        await listening(harness, other)
         viewer = await other.add_staff("viewer")
         async with served(other) as http, subscribe(http, viewer) as stream:
             marker = event()
