@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import contract
 import policy
 from auth import AuthState
-from db import Database, Listener, failure, migrate
+from db import Database, Listener, failure, migrate, schema_head
 from feed import Feed
 from metrics import Metrics
 from routes import bot, dashboard, live, service
@@ -100,6 +100,7 @@ class Services:
     async def start(self) -> None:
         configure_logging(self.settings.log_level)
         log.info("token checks: %s", self.auth.describe())
+        schema_head()  # read migrations/ once, not on the first /readyz
         if self.settings.should_auto_migrate:
             await migrate(self.db)
         if self.db.is_postgres:

@@ -1,5 +1,6 @@
 """Bot keys: creation (shown once), listing, revocation, the key cache, audit."""
 
+import asyncio
 import re
 from typing import Any
 
@@ -226,3 +227,20 @@ async def test_create_and_revoke_are_audited_without_the_key(harness: Harness, o
     assert create_row["after"]["name"] == "fleet"
     assert create_row["after"]["prefix"] == created["prefix"]
     assert revoke["before"]["revoked_at"] is None and revoke["after"]["revoked_at"] is not None
+
+
+async def test_a_key_lookup_racing_a_revocation_is_not_cached(harness: Harness):
+    created = await harness.client.post(
+        "/api/v1/bot-keys", json={"name": "racer"}, headers=harness.auth(ENV_OWNER)
+    )
+    key_hash = hash_key(created.json()["key"])
+    cache = harness.services.auth.bot_keys
+    # The lookup starts (and reads the key as live); the revocation lands before it ends.
+    lookup = asyncio.ensure_future(cache.load(key_hash))
+    await asyncio.sleep(0)
+    cache.invalidate(key_hash)
+    assert (await lookup) is not None  # the read itself was from before the revocation
+    assert cache.get(key_hash) is None  # but what it read is not kept
+    assert key_hash not in cache.loading  # and the next request reads afresh
+    # Without a revocation in between, a lookup is cached as before.
+    assert await cache.load(key_hash) is not None and cache.get(key_hash) is not None
