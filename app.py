@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,10 +36,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import contract
 import policy
-from auth import AuthState
+from auth import AuthState, client_address
 from db import Database, Listener, failure, migrate, schema_head
 from feed import Feed
 from metrics import Metrics
+from ratelimit import Limiter, TooManyRequests
 from routes import bot, dashboard, live, service
 from settings import Settings, get_settings
 
@@ -79,6 +80,7 @@ class Services:
     policies: policy.Policies
     feed: Feed
     metrics: Metrics
+    limiter: Limiter
     listener: asyncio.Task[None] | None = field(default=None)
 
     @classmethod
@@ -87,11 +89,13 @@ class Services:
         db = Database(settings)
         metrics = Metrics()
         metrics.watch_pool(db.engine)
+        limiter = Limiter(settings.rate_limits, settings.rate_limit_storage_url)
         return cls(
             settings=settings,
             http=http,
             db=db,
-            auth=AuthState(settings, http, db),
+            auth=AuthState(settings, http, db, limiter),
+            limiter=limiter,
             policies=policy.Policies(db),
             feed=Feed(db, metrics),
             metrics=metrics,
@@ -101,6 +105,7 @@ class Services:
         configure_logging(self.settings.log_level)
         log.info("token checks: %s", self.auth.describe())
         schema_head()  # read migrations/ once, not on the first /readyz
+        await self.limiter.start()
         if self.settings.should_auto_migrate:
             await migrate(self.db)
         if self.db.is_postgres:
@@ -126,6 +131,7 @@ class Services:
             self.listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.listener
+        await self.limiter.stop()
         await self.http.aclose()
         await self.db.dispose()
         self.metrics.process_exited()
@@ -210,7 +216,13 @@ def problem(
     )
 
 
-SLUGS = {409: "conflict", 412: "stale-version", 413: "too-large", 415: "not-json"}
+SLUGS = {
+    409: "conflict",
+    412: "stale-version",
+    413: "too-large",
+    415: "not-json",
+    429: "rate-limited",
+}
 
 
 async def http_error(request: Request, error: Exception) -> JSONResponse:
@@ -261,7 +273,7 @@ class BodyTooLarge(HTTPException):
 
 
 DB_DOWN = "the database is unavailable; retry shortly"
-RETRY_AFTER = 2  # seconds
+RETRY_AFTER = "2"  # seconds
 
 
 class Replay:
@@ -299,8 +311,11 @@ class Gate:
     security headers, access log, metrics, and a problem+json 500 that never leaks a stack
     trace."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, limiter: Limiter | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.app = app
+        self.limiter = limiter
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -346,15 +361,17 @@ class Gate:
             await send(message)
 
         async def reject(
-            status: int, detail: str, slug: str | None = None, retry_after: int | None = None
+            status: int,
+            detail: str,
+            slug: str | None = None,
+            extra: Mapping[str, str] | None = None,
         ) -> None:
             body = json.dumps(problem_body(status, detail, request_id, slug)).encode()
             headers = [
                 (b"content-type", b"application/problem+json"),
                 (b"content-length", str(len(body)).encode()),
+                *((k.lower().encode(), v.encode()) for k, v in (extra or {}).items()),
             ]
-            if retry_after is not None:
-                headers.append((b"retry-after", str(retry_after).encode()))
             await send_with_headers(
                 {"type": "http.response.start", "status": status, "headers": headers}
             )
@@ -363,6 +380,13 @@ class Gate:
         limit = BULK_BODY_LIMIT if path in BULK_PATHS else BODY_LIMIT
         replay = Replay(receive)
         try:
+            if self.limiter is not None and not path.startswith("/api/"):
+                # Everything outside /api/ answers without credentials: limited per address.
+                try:
+                    self.limiter.hit("anonymous", client_address(scope))
+                except TooManyRequests as refusal:
+                    await reject(429, str(refusal.detail), "rate-limited", refusal.headers)
+                    return
             if (length is not None and length != b"0") or chunked:
                 if scope["method"] in ("POST", "PUT", "PATCH"):
                     media = (content_type or b"").split(b";")[0].strip().lower()
@@ -393,7 +417,7 @@ class Gate:
                 log.warning("database %s in %s %s (request %s): %r",
                             kind, scope["method"], path, request_id, error)  # fmt: skip
                 if not status:
-                    await reject(503, DB_DOWN, "database-unavailable", retry_after=RETRY_AFTER)
+                    await reject(503, DB_DOWN, "database-unavailable", {"Retry-After": RETRY_AFTER})
             else:
                 log.exception(
                     "unhandled error in %s %s (request %s)", scope["method"], path, request_id
@@ -533,6 +557,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["ETag", "X-Request-ID", "Retry-After"],
             max_age=600,
         )
-    app.add_middleware(Gate, metrics=services.metrics if settings.metrics_enabled else None)
+    app.add_middleware(
+        Gate,
+        limiter=services.limiter,
+        metrics=services.metrics if settings.metrics_enabled else None,
+    )
     app.openapi = lambda: contract.document(app)  # pyrefly: ignore[bad-assignment]
     return app

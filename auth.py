@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -26,6 +27,7 @@ from starlette.requests import HTTPConnection
 
 from db import AUDIT, BOT_KEY, Database, SessionDep, announce
 from models import ROLE_RANK, AuditLog, BotKey, BotKeyCreated, Role, Staff, utcnow
+from ratelimit import Limiter
 from settings import BOT_KEY_RE, Settings
 
 log = logging.getLogger("channelgate.auth")
@@ -111,7 +113,8 @@ class BotKeyCache:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.entries: dict[str, tuple[float, BotIdentity | None]] = {}
+        # Least recently used first: a flood of guessed keys evicts guesses, not live keys.
+        self.entries: OrderedDict[str, tuple[float, BotIdentity | None]] = OrderedDict()
         self.loading: dict[str, asyncio.Task[BotIdentity | None]] = {}
         self.generation = 0  # bumped by every invalidation: a racing load does not cache
         db.on(BOT_KEY, lambda key_hashes: self.invalidate(*key_hashes))
@@ -139,13 +142,16 @@ class BotKeyCache:
     def get(self, key_hash: str) -> tuple[float, BotIdentity | None] | None:
         entry = self.entries.get(key_hash)
         if entry is not None and entry[0] > time.monotonic():
+            self.entries.move_to_end(key_hash)
             return entry
         return None
 
     def put(self, key_hash: str, identity: BotIdentity | None) -> None:
-        if len(self.entries) >= BOT_KEY_CACHE_MAX:
-            self.entries.clear()  # bounded: a flood of random keys cannot grow memory
+        """Unknown keys are kept too (as None), so a repeated guess costs no lookup."""
         self.entries[key_hash] = (time.monotonic() + BOT_KEY_TTL, identity)
+        self.entries.move_to_end(key_hash)
+        while len(self.entries) > BOT_KEY_CACHE_MAX:
+            self.entries.popitem(last=False)
 
     def invalidate(self, *key_hashes: str) -> None:
         self.generation += 1
@@ -180,9 +186,12 @@ async def issue_bot_key(session: AsyncSession, actor: "Principal", name: str) ->
 class AuthState:
     """Per-application auth caches."""
 
-    def __init__(self, settings: Settings, http: httpx.AsyncClient, db: Database) -> None:
+    def __init__(
+        self, settings: Settings, http: httpx.AsyncClient, db: Database, limiter: Limiter
+    ) -> None:
         self.settings = settings
         self.db = db
+        self.limiter = limiter
         self.jwks = JWKS(settings.jwks_url, http) if settings.jwks_url else None
         self.bot_keys = BotKeyCache(db)
         self.env_bot_keys = {
@@ -216,6 +225,7 @@ class Principal:
     aal: str | None = None
     source: str = "database"
     request_id: str | None = None
+    expires_at: float | None = None  # a staff token's exp (the live feed ends there)
 
     async def audit(
         self,
@@ -332,15 +342,28 @@ async def staff_with_token(
 ) -> Principal:
     """The staff member a Supabase access token belongs to; 401 for a bad token, 403 for a
     valid one whose user is not staff."""
-    if not token:
-        raise unauthorized("missing bearer token")
-    if token.startswith("cgk_"):
-        raise unauthorized("bot keys are not accepted on dashboard routes")
     state = auth_state(connection)
-    claims = await verify_token(token, state)
+    address = client_address(connection.scope)
+    state.limiter.check("auth-failure", address)
+    try:
+        if not token:
+            raise unauthorized("missing bearer token")
+        if token.startswith("cgk_"):
+            raise unauthorized("bot keys are not accepted on dashboard routes")
+        claims = await verify_token(token, state)
+    except HTTPException as refusal:
+        if refusal.status_code == 401:
+            state.limiter.hit("auth-failure", address)
+        raise
     user_id = claims["sub"]
+    state.limiter.hit("staff", user_id)
     request_id = connection.scope.get("state", {}).get("request_id")
-    common = {"aal": claims.get("aal"), "request_id": request_id, "name": claims.get("email")}
+    common = {
+        "aal": claims.get("aal"),
+        "request_id": request_id,
+        "name": claims.get("email"),
+        "expires_at": float(claims["exp"]),
+    }
     if user_id in state.owner_ids:
         return Principal(kind="staff", id=user_id, role="owner", source="environment", **common)
     staff = await session.scalar(select(Staff).where(Staff.user_id == uuid.UUID(user_id)))
@@ -391,6 +414,30 @@ def _require(minimum: Role):
     return check
 
 
+def may_read_audit(principal: Principal, settings: Settings) -> bool:
+    """GET /audit's rule, for the live feed's audit entries too: owners (with aal2 when
+    REQUIRE_AAL2_FOR_OWNERS)."""
+    if principal.role != "owner":
+        return False
+    return not settings.require_aal2_for_owners or principal.aal == "aal2"
+
+
+async def still_staff_as(state: AuthState, principal: Principal) -> bool:
+    """Whether this staff member still holds the role they had (a long-lived stream asks,
+    now and then). Environment owners always do; a database that cannot answer says no."""
+    if principal.source == "environment":
+        return True
+    try:
+        async with state.db.sessionmaker() as session:
+            role = await session.scalar(
+                select(Staff.role).where(Staff.user_id == uuid.UUID(principal.id))
+            )
+    except Exception:
+        log.warning("could not re-check staff %s for the live feed", principal.id)
+        return False
+    return role == principal.role
+
+
 Editor = Annotated[Principal, Depends(_require("editor"))]
 Owner = Annotated[Principal, Depends(_require("owner"))]
 
@@ -402,26 +449,42 @@ async def bot_caller(connection: HTTPConnection) -> Principal:
         auth_state(connection),
         connection.headers.get("authorization", ""),
         connection.scope.get("state", {}).get("request_id"),
+        client_address(connection.scope),
     )
 
 
+def client_address(scope: Any) -> str:
+    """The caller's address (uvicorn takes it from X-Forwarded-For behind a trusted proxy)."""
+    client = scope.get("client")
+    return client[0] if client else "unknown"
+
+
 async def authenticate_bot(
-    state: AuthState, authorization: str, request_id: str | None
+    state: AuthState, authorization: str, request_id: str | None, address: str
 ) -> Principal:
     """The bot key in an Authorization header value, checked against BOT_API_KEYS and the
-    (cached) database keys; 401 unless it is a live key."""
+    (cached) database keys; 401 unless it is a live key, 429 over the key's rate limit or
+    after too many failed attempts from this address (refused before any lookup)."""
+    limiter = state.limiter
+    limiter.check("auth-failure", address)
     scheme, _, key = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not key:
-        raise unauthorized("missing bot key")
-    if not BOT_KEY_RE.fullmatch(key):
-        raise unauthorized("bot routes need a bot key (cgk_…)")
-    key_hash = hash_key(key)
-    identity = state.env_bot_keys.get(key_hash)
-    if identity is None:
-        cached = state.bot_keys.get(key_hash)
-        identity = cached[1] if cached else await state.bot_keys.load(key_hash)
-    if identity is None:
-        raise unauthorized("unknown or revoked bot key")
+    try:
+        if scheme.lower() != "bearer" or not key:
+            raise unauthorized("missing bot key")
+        if not BOT_KEY_RE.fullmatch(key):
+            raise unauthorized("bot routes need a bot key (cgk_…)")
+        key_hash = hash_key(key)
+        identity = state.env_bot_keys.get(key_hash)
+        if identity is None:
+            cached = state.bot_keys.get(key_hash)
+            identity = cached[1] if cached else await state.bot_keys.load(key_hash)
+        if identity is None:
+            raise unauthorized("unknown or revoked bot key")
+    except HTTPException as refusal:
+        if refusal.status_code == 401:
+            limiter.hit("auth-failure", address)
+        raise
+    limiter.hit("bot", identity.id)
     return Principal(kind="bot", id=identity.id, name=identity.name, request_id=request_id)
 
 

@@ -3,11 +3,13 @@ see, so that a client generated from /openapi.json handles every answer the serv
 
 Every operation documents, besides its success and its own errors (`routes.answers`):
 - 401 when it needs credentials (and 403 on the dashboard, where roles apply); 503 when it
-  uses the database (and for the JWKS on the dashboard);
+  uses the database (and for the JWKS on the dashboard); 429 always (every caller has a
+  rate limit: its key, its user, or its address);
 - 422 when it takes parameters or a body; 400 and 415 when it takes a body; 413 always
   (the body limit applies to every request, whatever its route);
 - every error as application/problem+json (`Problem`, and `ValidationProblem` for 422), and
-  X-Request-ID on every answer, WWW-Authenticate on 401, Retry-After on 429 and 503.
+  X-Request-ID on every answer, WWW-Authenticate on 401, Retry-After on 429 and 503, and
+  RateLimit / RateLimit-Policy on 429.
 """
 
 from typing import Any
@@ -41,6 +43,14 @@ HEADERS = {
     },
     "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}},
     "WWW-Authenticate": {"description": "the Bearer scheme", "schema": {"type": "string"}},
+    "RateLimit": {
+        "description": 'the limit that was hit (IETF draft): `"<kind>";r=0;t=<seconds>`',
+        "schema": {"type": "string"},
+    },
+    "RateLimit-Policy": {
+        "description": 'that limit (IETF draft): `"<kind>";q=<requests>;w=<seconds>`',
+        "schema": {"type": "string"},
+    },
 }
 PROBLEM_MEDIA = "application/problem+json"
 
@@ -93,7 +103,7 @@ def complete(path: str, operation: dict[str, Any], route: RouteContext) -> None:
         # dependency for FastAPI to see.
         assert bot_caller in ran
         operation["security"] = [{"BotKey": []}]
-    errors = {413}
+    errors = {413, 429}
     if operation.get("security"):
         errors.add(401)
         if operation["security"] != [{"BotKey": []}]:
@@ -135,3 +145,6 @@ def complete(path: str, operation: dict[str, Any], route: RouteContext) -> None:
             headers["WWW-Authenticate"] = {"$ref": "#/components/headers/WWW-Authenticate"}
         if status in (429, 503):
             headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+        if status == 429:
+            for name in ("RateLimit", "RateLimit-Policy"):
+                headers[name] = {"$ref": f"#/components/headers/{name}"}

@@ -174,7 +174,9 @@ class Endpoint:
             elif name == b"if-none-match":
                 if_none_match = value
         request_id = scope["state"].get("request_id")
-        await authenticate_bot(self.auth, authorization.decode("latin-1"), request_id)
+        client = scope.get("client")
+        address = client[0] if client else "unknown"
+        await authenticate_bot(self.auth, authorization.decode("latin-1"), request_id, address)
         chat_id = chat_id_of(scope["path_params"]["chat_id"])
         entry = await self.cache.get(chat_id)
         if entry is None:

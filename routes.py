@@ -4,11 +4,13 @@ authenticates by default, so a new route is protected without anyone remembering
 Routes commit; the helpers here and elsewhere only flush.
 """
 
+import asyncio
 import csv
 import io
+import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -32,6 +34,7 @@ from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
+from starlette.types import Receive, Scope, Send
 
 import analytics
 import policy
@@ -40,6 +43,7 @@ from auth import (
     BotCaller,
     CurrentStaff,
     Editor,
+    FeedStaff,
     Owner,
     Principal,
     auth_state,
@@ -47,7 +51,9 @@ from auth import (
     current_staff,
     feed_staff,
     issue_bot_key,
+    may_read_audit,
     snapshot,
+    still_staff_as,
 )
 from db import (
     BOT_KEY,
@@ -64,7 +70,7 @@ from db import (
     schema_revision,
     upsert,
 )
-from feed import Subscriber, subscription
+from feed import Subscriber, feed_of
 from ingest import ingest, move_members, recount_members
 from metrics import metrics_of
 from models import (
@@ -129,6 +135,9 @@ from models import (
     invalid,
     utcnow,
 )
+from ratelimit import limiter_of
+
+log = logging.getLogger("channelgate.routes")
 
 dashboard = APIRouter(prefix="/api/v1", dependencies=[Depends(current_staff)])
 # The live feed: staff too, but its token may come as ?access_token= (EventSource sends no
@@ -758,39 +767,82 @@ def csv_row(v: Verification) -> list[object]:
     ]
 
 
+EXPORT_PAGE = 2000  # rows per read: one short transaction each
+STALL_SECONDS = 30.0  # an export whose client reads nothing for this long is ended
+
+
+class Export(StreamingResponse):
+    """A streamed answer whose client must keep reading: a send that waits STALL_SECONDS
+    (the client's socket full, nothing read) ends the stream. `done` runs when the answer
+    ends, however it ends (finished, stalled, or the client gone)."""
+
+    def __init__(self, content: AsyncIterator[str], done: Callable[[], None], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self.done = done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.done()
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for chunk in self.body_iterator:
+            body = chunk.encode(self.charset) if isinstance(chunk, str) else bytes(chunk)
+            try:
+                async with asyncio.timeout(STALL_SECONDS):
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            except TimeoutError:
+                # Unfinished on purpose: the server closes the connection (any last send
+                # would wait on the same full socket).
+                log.warning("export ended: its client read nothing for %.0f s", STALL_SECONDS)
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 @dashboard.get(
     "/verifications/export",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/csv": {}}, "description": "RFC 4180 CSV"}},
     tags=["verifications"],
 )
-async def export_verifications(request: Request, filters: VerificationFilters) -> StreamingResponse:
+async def export_verifications(
+    request: Request, filters: VerificationFilters, staff: CurrentStaff
+) -> StreamingResponse:
     """The verification log as CSV (same filters, newest first, streamed)."""
     db = database(request)
+    give_back = limiter_of(request).exports.take(staff.id)  # 429 beyond its cap
 
     async def lines() -> AsyncIterator[str]:
+        # Page by page, each read in a short transaction of its own: waiting on a slow
+        # client never holds a connection (nor, on SQLite, the only one).
         buffer = io.StringIO()
         writer = csv.writer(buffer)  # RFC 4180: CRLF, quotes doubled, quoted when needed
         writer.writerow(CSV_COLUMNS)
-        async with db.sessionmaker() as stream_session:
-            statement = (
-                select(Verification)
-                .where(*filters)
-                .order_by(*LOG_ORDER.order())
-                .execution_options(yield_per=2000)
-            )
-            result = await stream_session.stream_scalars(statement)
-            async for chunk in result.partitions():
-                for row in chunk:
-                    writer.writerow(csv_row(row))
-                yield buffer.getvalue()
-                buffer.seek(0)
-                buffer.truncate()
-        yield buffer.getvalue()
+        after: list[Any] | None = None
+        while True:
+            statement = select(Verification).where(*filters)
+            if after is not None:
+                statement = statement.where(LOG_ORDER.where_after(after))
+            statement = statement.order_by(*LOG_ORDER.order()).limit(EXPORT_PAGE)
+            async with db.sessionmaker() as page_session:
+                rows = list(await page_session.scalars(statement))
+            for row in rows:
+                writer.writerow(csv_row(row))
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+            if len(rows) < EXPORT_PAGE:
+                return
+            after = [rows[-1].occurred_at, rows[-1].id]
 
     stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
-    return StreamingResponse(
+    return Export(
         lines(),
+        give_back,
         media_type="text/csv; charset=utf-8",
         headers={
             "Content-Disposition": f'attachment; filename="channelgate-verifications-{stamp}.csv"'
@@ -895,12 +947,25 @@ async def analytics_channels(
 # ---------------------------------------------------------------- live feed
 
 
+async def subscription(request: Request, staff: FeedStaff) -> AsyncIterator[Subscriber]:
+    """A place in the feed for the request's whole stream (429/503 when there is none)."""
+    feed = feed_of(request)
+    subscriber = feed.subscribe(staff.id, may_read_audit(staff, auth_state(request).settings))
+    try:
+        yield subscriber
+    finally:
+        feed.unsubscribe(subscriber)
+
+
 @live.get("/events", response_class=EventSourceResponse, tags=["events"])
 async def stream_events(
+    request: Request,
+    staff: FeedStaff,
     subscriber: Annotated[Subscriber, Depends(subscription)],
 ) -> AsyncIterator[ServerSentEvent]:
-    """Live feed of verifications and audit entries (server-sent events)."""
-    async for event in subscriber.events():
+    """Live feed of verifications and (for owners) audit entries (server-sent events)."""
+    state = auth_state(request)
+    async for event in subscriber.events(lambda: still_staff_as(state, staff), staff.expires_at):
         yield event
 
 

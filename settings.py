@@ -41,6 +41,22 @@ def asyncpg_url(url: str) -> str:
     return url
 
 
+def _rate_limit(text: str) -> str:
+    from limits import parse_many
+
+    if text.strip():
+        try:
+            parse_many(text)
+        except ValueError:
+            raise ValueError(
+                "must be rate limits like '100/second;3000/minute' (or empty for none)"
+            ) from None
+    return text.strip()
+
+
+type RateLimit = Annotated[str, AfterValidator(_rate_limit)]
+
+
 # A comma-separated environment variable (NoDecode: not parsed as JSON first).
 type CommaList[T] = Annotated[list[T], NoDecode, BeforeValidator(_split_commas)]
 
@@ -73,6 +89,17 @@ class Settings(BaseSettings):
     owner_user_ids: CommaList[Annotated[str, AfterValidator(_user_uuid)]] = []
     require_aal2_for_owners: bool = False
     bot_api_keys: CommaList[Annotated[str, AfterValidator(_bot_key_entry)]] = []
+
+    # Rate limits in the `limits` library's notation ("100/second;3000/minute"; "" for none):
+    # per bot key, per staff user, per client address for unauthenticated calls, and per
+    # address for failed authentications (checked before any database work).
+    rate_limit_bot: RateLimit = "2000/second;60000/minute"
+    rate_limit_staff: RateLimit = "30/second;900/minute"
+    rate_limit_anonymous: RateLimit = "30/second;900/minute"
+    rate_limit_auth_failures: RateLimit = "30/minute"
+    rate_limit_storage_url: str = Field(
+        default="", pattern=r"^$|^(memory|redis|rediss|redis\+unix)://"
+    )  # "" or memory:// counts per process; redis://… shares counters across processes
 
     cors_origins: CommaList[str] = []
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -127,6 +154,15 @@ class Settings(BaseSettings):
     @property
     def should_auto_migrate(self) -> bool:
         return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @property
+    def rate_limits(self) -> dict[str, str]:
+        return {
+            "bot": self.rate_limit_bot,
+            "staff": self.rate_limit_staff,
+            "anonymous": self.rate_limit_anonymous,
+            "auth-failure": self.rate_limit_auth_failures,
+        }
 
     @property
     def listen_url(self) -> str:

@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batches", type=int, default=160, help="ingestion batches of 500")
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--limiter-rounds", type=int, default=3, help="limiter on/off pairs")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -224,16 +225,29 @@ def main() -> None:
     try:
         command.upgrade(alembic_config(url), "head")
         key = asyncio.run(setup(url))
-        env = {"DATABASE_URL": url, "LOG_LEVEL": "warning", "ENVIRONMENT": "development"}
+        # The bot limit counts every call but is never reached here (as in production).
+        unreached = "1000000000/second;1000000000/minute"
+        env = {"DATABASE_URL": url, "LOG_LEVEL": "warning", "ENVIRONMENT": "development",
+               "RATE_LIMIT_BOT": unreached}  # fmt: skip
         results: dict[str, Any] = {}
+        # The limiter's cost: the same server without it, alternated with it, medians.
+        runs: dict[str, list[dict[str, float]]] = {"policy": [], "policy_unlimited": []}
+        for _ in range(args.limiter_rounds):
+            for label, extra in (("policy_unlimited", {"RATE_LIMIT_BOT": ""}), ("policy", {})):
+                with server("app:create_app", 8303, {**env, **extra}) as base:
+                    url_ = f"{base}/api/v1/bot/groups/{GROUP}/policy"
+                    wrk(url_, key, 2, args.connections)  # warm-up
+                    runs[label].append(wrk(url_, key, args.seconds, args.connections))
+                    log(f"{label}: {runs[label][-1]}")
+        for label, measured in runs.items():
+            results[label] = {
+                k: statistics.median(m[k] for m in measured) for k in ("rps", "p50_ms", "p99_ms")
+            }
         with server("app:create_app", 8301, env) as base:
             policy_url = f"{base}/api/v1/bot/groups/{GROUP}/policy"
             body = httpx.get(policy_url, headers={"Authorization": f"Bearer {key}"}).content
             (RESULTS / "policy.json").write_bytes(body)
             log(f"policy body: {len(body)} bytes")
-            wrk(policy_url, key, 2, args.connections)  # warm-up
-            results["policy"] = wrk(policy_url, key, args.seconds, args.connections)
-            log(f"policy: {results['policy']}")
 
             start = datetime.now(UTC) - timedelta(hours=1)
             events = make_events(args.batches * 500, start)
@@ -276,7 +290,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"# bench/run.py — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
-        f"policy: wrk -t1 -c{args.connections} -d{args.seconds}s; ingestion: {args.batches} "
+        f"policy: wrk -t1 -c{args.connections} -d{args.seconds}s, medians of {args.limiter_rounds} "
+        f"alternated runs with and without the limiter; ingestion: {args.batches} "
         f"batches of 500 from {args.clients} clients",
         "",
         "| measure | channelgate | ceiling | ratio |",
@@ -285,6 +300,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"| {policy['rps'] / ceiling['rps']:.2f} |",
         f"| policy GET, p50 ms | {policy['p50_ms']:.2f} | {ceiling['p50_ms']:.2f} | |",
         f"| policy GET, p99 ms | {policy['p99_ms']:.2f} | {ceiling['p99_ms']:.2f} | |",
+        f"| policy GET with the rate limiter, requests/s | {policy['rps']:,.0f} | "
+        f"{results['policy_unlimited']['rps']:,.0f} (limiter off) | "
+        f"{policy['rps'] / results['policy_unlimited']['rps']:.3f} |",
         f"| ingestion, events/s | {ingest['events_per_s']:,.0f} | {driver['events_per_s']:,.0f} "
         f"(asyncpg executemany) | {ingest['events_per_s'] / driver['events_per_s']:.2f} |",
         f"| ingestion, p50 ms per 500-event batch | {ingest['batch_p50_ms']:.1f} | | |",

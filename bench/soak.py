@@ -163,7 +163,7 @@ async def soak(base: str, key: str, pid: int, args: argparse.Namespace) -> list[
         *(run.steady("policy", 0.01, run.policy) for _ in range(4)),
         run.steady("ingest", 0.5, run.ingest),
         run.steady("dashboard", 1.0, run.dashboard),
-        run.steady("edit", 5.0, run.edit),
+        run.steady("edit", 3.0, run.edit),  # not 5 s: uvicorn closes keep-alives idle 5 s
         run.steady("export", 30.0, run.export),
         run.feed(),
         sample(),

@@ -199,6 +199,8 @@ def make_settings(database_url: str, jwks_url: str, **overrides: Any) -> Setting
         "environment": "test",
         "auto_migrate": False,
         "log_level": "warning",
+        # Off unless a test turns them on: tables of refused tokens fail auth many times over.
+        **{f"rate_limit_{kind}": "" for kind in ("bot", "staff", "anonymous", "auth_failures")},
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # pyrefly: ignore[unexpected-keyword]

@@ -1,14 +1,18 @@
 """Builders the test modules share: verification events, group and channel bodies (and their
 creation through the dashboard or the bot API), event batches, and a poller."""
 
+import asyncio
 import inspect
+import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import httpx
+import uvicorn
 
 from tests.conftest import Harness
 
@@ -149,6 +153,37 @@ async def register_channel(
     response = await client.put(f"/api/v1/bot/channels/{chat_id}", json=body, headers=bot)
     assert response.status_code == status, response.text
     return response
+
+
+# ---------------------------------------------------------------- a real server
+
+
+@asynccontextmanager
+async def served(
+    harness: Harness, send_buffer: int | None = None
+) -> AsyncGenerator[httpx.AsyncClient]:
+    """The harness app behind a real HTTP server; yields a client for it. `send_buffer`
+    sizes the kernel's send buffer of every connection (they inherit the listening
+    socket's), so that a client that stops reading backs the server up quickly."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        harness.app, lifespan="off", log_level="warning", ws="none", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started)
+        base_url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base_url, timeout=5.0, trust_env=False) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
 
 
 # ---------------------------------------------------------------- waiting

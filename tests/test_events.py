@@ -10,17 +10,16 @@ client."""
 import asyncio
 import json
 import logging
-import socket
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import fastapi.routing
 import httpx
 import pytest
-import uvicorn
 
 import feed as feed_module
 from feed import Feed
@@ -33,6 +32,7 @@ from tests.factories import (
     ingest,
     listening,
     post_events,
+    served,
 )
 
 pytestmark = pytest.mark.anyio
@@ -40,28 +40,6 @@ pytestmark = pytest.mark.anyio
 EVENTS = "/api/v1/events"
 GROUP = GROUP_ID
 WAIT = 5.0
-
-
-@asynccontextmanager
-async def served(harness: Harness) -> AsyncGenerator[httpx.AsyncClient]:
-    """The harness app behind a real HTTP server; yields a client for it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        harness.app, lifespan="off", log_level="warning", ws="none", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        await eventually(lambda: server.started)
-        base_url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=base_url, timeout=WAIT, trust_env=False) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 def dropped(harness: Harness) -> float | None:
@@ -91,6 +69,21 @@ class SSE:
                 value = value.removeprefix(" ")
                 fields[name or "comment"] = json.loads(value) if name == "data" else value
         raise AssertionError(f"the stream ended; last fields {fields}")
+
+    async def rest(self, ignore: str | None = None) -> list[dict[str, Any]]:
+        """Every message until the server ends the stream (keep-alive comments and `ignore`
+        events left out)."""
+        messages: list[dict[str, Any]] = []
+        fields: dict[str, Any] = {}
+        async for line in self.lines:
+            if line == "":
+                if fields and "comment" not in fields and fields.get("event") != ignore:
+                    messages.append(fields)
+                fields = {}
+                continue
+            name, _, value = line.partition(":")
+            fields[name or "comment"] = value.removeprefix(" ")
+        return messages
 
     async def next(self, kind: str, where: Callable[[dict], bool] = lambda _: True) -> dict:
         """The data of the next `kind` event that satisfies `where` (others are skipped: the
@@ -154,9 +147,9 @@ async def test_a_full_batch_arrives_whole(harness: Harness, bot, viewer):
         assert dropped(harness) == 0
 
 
-async def test_audit_event_after_a_dashboard_write(harness: Harness, editor, viewer, owner):
+async def test_audit_event_after_a_dashboard_write(harness: Harness, editor, owner):
     await listening(harness)
-    async with served(harness) as http, subscribe(http, viewer) as stream:
+    async with served(harness) as http, subscribe(http, owner) as stream:
         await create_group(harness.client, editor, GROUP, title="Alpha")
         got = await stream.next("audit", lambda a: a["action"] == "group.create")
         entry = (await harness.client.get("/api/v1/audit", headers=owner)).json()["items"][0]
@@ -250,8 +243,7 @@ async def test_refused_subscribers(
 async def test_subscriber_limit_is_503(harness: Harness, viewer, monkeypatch):
     monkeypatch.setattr(feed_module, "MAX_SUBSCRIBERS", 1)
     feed: Feed = harness.services.feed
-    taken = feed.subscribe()
-    assert taken is not None
+    taken = feed.subscribe("someone", sees_audit=False)
     response = await harness.client.get(EVENTS, headers=viewer)
     assert problem(response, 503)["detail"] == "too many live-feed subscribers"
     assert response.headers["retry-after"] == "30"
@@ -268,8 +260,8 @@ async def test_events_reach_a_subscriber_on_another_replica(
         pytest.skip("cross-replica delivery rides on PostgreSQL NOTIFY")
     async for other in start_harness(database_url, jwks_server.url, tokens):
         await listening(harness, other)
-        viewer = await other.add_staff("viewer")
-        async with served(other) as http, subscribe(http, viewer) as stream:
+        owner = await other.add_staff("owner")
+        async with served(other) as http, subscribe(http, owner) as stream:
             marker = event()
             await post_events(harness.client, bot, [marker])  # written through the first replica
             got = await stream.next("verification")
@@ -283,8 +275,7 @@ async def test_events_reach_a_subscriber_on_another_replica(
 async def test_a_full_queue_drops_and_counts(harness: Harness, monkeypatch):
     monkeypatch.setattr(feed_module, "QUEUE_SIZE", 3)
     feed: Feed = harness.services.feed
-    slow, fast = feed.subscribe(), feed.subscribe()
-    assert slow is not None and fast is not None
+    slow, fast = feed.subscribe("a", sees_audit=True), feed.subscribe("b", sees_audit=True)
     received = []
     for batch in (range(2), range(2, 5)):
         for i in batch:
@@ -300,10 +291,10 @@ async def test_a_full_queue_drops_and_counts(harness: Harness, monkeypatch):
     assert feed.subscribers == set()
 
 
-async def test_a_slow_subscriber_is_told_what_it_lost(harness: Harness, viewer, monkeypatch):
+async def test_a_slow_subscriber_is_told_what_it_lost(harness: Harness, owner, monkeypatch):
     monkeypatch.setattr(feed_module, "QUEUE_SIZE", 2)
     feed: Feed = harness.services.feed
-    async with served(harness) as http, subscribe(http, viewer) as stream:
+    async with served(harness) as http, subscribe(http, owner) as stream:
         for i in range(5):  # at once: the stream cannot drain between these
             feed.publish("verification", json.dumps({"n": i}))
         assert dropped(harness) == 3
@@ -322,3 +313,69 @@ async def test_disconnect_removes_the_subscriber(harness: Harness, viewer):
         await eventually(lambda: not feed.subscribers)
         feed.publish("verification", "{}")  # nobody left to queue it for
         assert dropped(harness) == 0
+
+
+# ---------------------------------------------------------------- what each staff member may see
+
+
+async def test_audit_entries_reach_owners_only(harness: Harness, bot, editor, viewer, owner):
+    """GET /audit is owner-only: so are the feed's audit entries (staff e-mails are in them)."""
+    await listening(harness)
+    async with (
+        served(harness) as http,
+        subscribe(http, viewer) as seen_by_viewer,
+        subscribe(http, editor) as seen_by_editor,
+        subscribe(http, owner) as seen_by_owner,
+    ):
+        await create_group(harness.client, editor, GROUP, title="Alpha")
+        marker = event()
+        await post_events(harness.client, bot, [marker])
+        assert (await seen_by_owner.next("audit"))["action"] == "group.create"
+        for stream in (seen_by_viewer, seen_by_editor, seen_by_owner):
+            got = await stream.message()
+            while got.get("event") == "audit" and stream is seen_by_owner:
+                got = await stream.message()
+            assert got == {"event": "verification", "data": got["data"]}  # no audit before it
+            assert got["data"]["event_id"] == marker["event_id"]
+
+
+async def test_streams_per_user_are_capped(harness: Harness, viewer, monkeypatch):
+    monkeypatch.setattr(feed_module, "MAX_PER_USER", 2)
+    async with served(harness) as http, subscribe(http, viewer), subscribe(http, viewer):
+        response = await harness.client.get(EVENTS, headers=viewer)
+        assert "at most 2 live-feed streams per user" in problem(response, 429)["detail"]
+        other = await harness.add_staff("viewer")
+        async with subscribe(http, other):
+            pass
+
+
+async def test_a_stream_ends_when_its_token_expires(harness: Harness):
+    staff = str(uuid.uuid4())
+    await harness.add_staff("viewer", staff)
+    soon = int(datetime.now(UTC).timestamp()) + 2
+    async with served(harness) as http, subscribe(http, harness.auth(staff, exp=soon)) as stream:
+        with anyio.fail_after(10):
+            assert await stream.rest() == []  # the server ends it: nothing more, no error
+
+
+async def test_a_stream_ends_soon_after_its_staff_member_is_removed_or_demoted(
+    harness: Harness, owner, monkeypatch
+):
+    monkeypatch.setattr(feed_module, "RECHECK_SECONDS", 0.2)
+    removed, demoted = str(uuid.uuid4()), str(uuid.uuid4())
+    await harness.add_staff("viewer", removed)
+    await harness.add_staff("owner", demoted)
+    async with (
+        served(harness) as http,
+        subscribe(http, harness.auth(removed)) as first,
+        subscribe(http, harness.auth(demoted)) as second,
+    ):
+        gone = await harness.client.delete(f"/api/v1/staff/{removed}", headers=owner)
+        assert gone.status_code == 204, gone.text
+        changed = await harness.client.put(
+            f"/api/v1/staff/{demoted}", json={"role": "viewer"}, headers=owner
+        )
+        assert changed.status_code == 200, changed.text
+        with anyio.fail_after(10):
+            await first.rest(ignore="audit")
+            await second.rest(ignore="audit")
