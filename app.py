@@ -24,6 +24,7 @@ from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
+import anyio
 import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -276,6 +278,17 @@ DB_DOWN = "the database is unavailable; retry shortly"
 RETRY_AFTER = "2"  # seconds
 
 
+GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, ClientDisconnect)
+
+
+def client_gone(error: BaseException) -> bool:
+    """Whether a streamed answer failed only because its client went away (a live-feed
+    keep-alive sent into a closed stream, say): nothing to report as a bug."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(client_gone(inner) for inner in error.exceptions)
+    return isinstance(error, GONE)
+
+
 class Replay:
     """The request's `receive`, keeping what the app read so that a replay reads it again,
     and counting body bytes against `limit` (413 past it)."""
@@ -418,6 +431,9 @@ class Gate:
                             kind, scope["method"], path, request_id, error)  # fmt: skip
                 if not status:
                     await reject(503, DB_DOWN, "database-unavailable", {"Retry-After": RETRY_AFTER})
+            elif status and client_gone(error):
+                log.info("client went away during %s %s (request %s)",
+                         scope["method"], path, request_id)  # fmt: skip
             else:
                 log.exception(
                     "unhandled error in %s %s (request %s)", scope["method"], path, request_id
