@@ -142,7 +142,6 @@ async def test_limits_are_shared_through_redis_across_replicas(
         pytest.skip("Redis is not running at 127.0.0.1:6379")
     user = str(uuid.uuid4())  # this test's own counters
     settings: dict[str, Any] = {"rate_limit_staff": "6/hour", "rate_limit_storage_url": REDIS_URL}
-    await_flush = asyncio.sleep(0.5)
     try:
         async with limited(database_url, jwks_server, tokens, **settings) as one:
             async for two in start_harness(database_url, jwks_server.url, tokens, **settings):
@@ -150,7 +149,7 @@ async def test_limits_are_shared_through_redis_across_replicas(
                 for _ in range(3):
                     assert (await one.client.get("/api/v1/me", headers=headers)).is_success
                     assert (await two.client.get("/api/v1/me", headers=headers)).is_success
-                await await_flush  # both replicas have told Redis what they counted
+                await asyncio.sleep(0.5)  # both replicas have told Redis what they counted
                 assert_limited(
                     await one.client.get("/api/v1/me", headers=headers), "staff", 6, 3600
                 )
