@@ -463,10 +463,11 @@ async def authenticate_bot(
     state: AuthState, authorization: str, request_id: str | None, address: str
 ) -> Principal:
     """The bot key in an Authorization header value, checked against BOT_API_KEYS and the
-    (cached) database keys; 401 unless it is a live key, 429 over the key's rate limit or
-    after too many failed attempts from this address (refused before any lookup)."""
+    (cached) database keys; 401 unless it is a live key, 429 over the key's rate limit.
+    An address with too many failed attempts gets 429 instead of a database lookup: keys
+    known here (BOT_API_KEYS, or cached) still work from it, so a guesser behind the same
+    NAT as a fleet slows down itself, not the fleet."""
     limiter = state.limiter
-    limiter.check("auth-failure", address)
     scheme, _, key = authorization.partition(" ")
     try:
         if scheme.lower() != "bearer" or not key:
@@ -477,6 +478,8 @@ async def authenticate_bot(
         identity = state.env_bot_keys.get(key_hash)
         if identity is None:
             cached = state.bot_keys.get(key_hash)
+            if cached is None:
+                limiter.check("auth-failure", address)  # before any lookup
             identity = cached[1] if cached else await state.bot_keys.load(key_hash)
         if identity is None:
             raise unauthorized("unknown or revoked bot key")

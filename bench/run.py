@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +38,18 @@ CHANNELS = [-1002000000001, -1002000000002, -1002000000003]
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def scratch_database(admin: str, prefix: str) -> Iterator[str]:
+    """A PostgreSQL database of the benchmark's own (its libpq URL), dropped at the end."""
+    name = f"{prefix}_{os.getpid()}"
+    subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {name}"], check=True)
+    try:
+        yield admin.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        drop = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        subprocess.run(["psql", admin, "-qc", drop], check=False)
 
 
 @contextmanager
@@ -217,12 +230,8 @@ def main() -> None:
 
     from db import alembic_config
 
-    name = f"channelgate_bench_{os.getpid()}"
-    admin = args.admin_url
-    subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {name}"], check=True)
-    dsn = admin.rsplit("/", 1)[0] + f"/{name}"
-    url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
-    try:
+    with scratch_database(args.admin_url, "channelgate_bench") as dsn:
+        url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
         command.upgrade(alembic_config(url), "head")
         key = asyncio.run(setup(url))
         # The bot limit counts every call but is never reached here (as in production).
@@ -272,9 +281,6 @@ def main() -> None:
         seconds = asyncio.run(driver_ceiling(dsn, driver_batches, args.clients))
         results["driver"] = {"events_per_s": len(driver_events) / seconds}
         log(f"driver: {results['driver']}")
-    finally:
-        drop = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        subprocess.run(["psql", admin, "-qc", drop], check=False)
     report(results, args)
 
 

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,11 +29,16 @@ import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import GROUP, RESULTS, ROOT, log, make_events, setup
+from bench.run import GROUP, RESULTS, ROOT, log, make_events, scratch_database, setup
 
 SECRET = "soak-benchmark-secret-at-least-32-bytes-long"
 OWNER = "00000000-0000-4000-8000-00000000500a"
-PORT = 8311
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def rss_mib(pid: int) -> float:
@@ -178,40 +184,36 @@ def main() -> None:
     parser.add_argument("--warmup-minutes", type=float, default=3)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"channelgate_soak_{os.getpid()}"
-    admin = args.admin_url
-    subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {name}"], check=True)
-    url = admin.rsplit("/", 1)[0] + f"/{name}"
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "AUTO_MIGRATE": "true",
-        "LOG_LEVEL": "warning",
-        "SUPABASE_JWT_SECRET": SECRET,
-        "OWNER_USER_IDS": OWNER,
-    }
-    server = None
-    try:
-        migrate = [sys.executable, "-m", "cli", "migrate"]
-        subprocess.run(migrate, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-        key = asyncio.run(setup(url.replace("postgresql://", "postgresql+asyncpg://", 1)))
-        command = [sys.executable, "-m", "cli", "serve", "--port", str(PORT)]
-        server = subprocess.Popen(command, cwd=ROOT, env=env)
-        base = f"http://127.0.0.1:{PORT}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        totals, *samples = asyncio.run(soak(base, key, server.pid, args))
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(30)
-        drop = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        subprocess.run(["psql", admin, "-qc", drop], check=False)
+    with scratch_database(args.admin_url, "channelgate_soak") as url:
+        env = {
+            **os.environ,
+            "DATABASE_URL": url,
+            "AUTO_MIGRATE": "true",
+            "LOG_LEVEL": "warning",
+            "SUPABASE_JWT_SECRET": SECRET,
+            "OWNER_USER_IDS": OWNER,
+        }
+        server = None
+        try:
+            migrate = [sys.executable, "-m", "cli", "migrate"]
+            subprocess.run(migrate, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+            key = asyncio.run(setup(url.replace("postgresql://", "postgresql+asyncpg://", 1)))
+            port = free_port()
+            command = [sys.executable, "-m", "cli", "serve", "--port", str(port)]
+            server = subprocess.Popen(command, cwd=ROOT, env=env)
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            totals, *samples = asyncio.run(soak(base, key, server.pid, args))
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(30)
     report(totals, samples, args)
 
 

@@ -206,10 +206,22 @@ class Calls:
         return list(responses)
 
 
-async def timed(calls: Calls) -> tuple[float, list[httpx.Response]]:
+@pytest.fixture
+async def calls(proxied: Harness) -> Calls:
+    """The calls, once they all succeed through the proxy."""
+    bot = await proxied.bot_key()
+    await register_group(proxied.client, bot)
+    calls = Calls(proxied, bot)
+    assert all(r.is_success for r in await calls.all())
+    return calls
+
+
+async def all_503(calls: Calls) -> float:
+    """Every kind of call answers 503 (problem+json, Retry-After); how long that took."""
     started = time.monotonic()
-    responses = await calls.all()
-    return time.monotonic() - started, responses
+    for response in await calls.all():
+        assert_503(response)
+    return time.monotonic() - started
 
 
 async def recovered(calls: Calls, within: float) -> None:
@@ -224,15 +236,9 @@ async def recovered(calls: Calls, within: float) -> None:
 # ---------------------------------------------------------------- refused, partitioned
 
 
-async def test_refused_connections_are_503_at_once_and_recover(proxied: Harness, proxy: Proxy):
-    bot = await proxied.bot_key()
-    await register_group(proxied.client, bot)
-    calls = Calls(proxied, bot)
-    assert all(r.is_success for r in await calls.all())
+async def test_refused_connections_are_503_at_once_and_recover(calls: Calls, proxy: Proxy):
     await proxy.refuse()
-    seconds, responses = await timed(calls)
-    for response in responses:
-        assert_503(response)
+    seconds = await all_503(calls)
     assert seconds < 1.5, f"503s took {seconds:.2f}s"
     await proxy.heal()
     await recovered(calls, within=5)
@@ -240,16 +246,10 @@ async def test_refused_connections_are_503_at_once_and_recover(proxied: Harness,
 
 
 async def test_a_silent_partition_is_503_within_10s_and_recovers_within_5s(
-    proxied: Harness, proxy: Proxy
+    proxied: Harness, proxy: Proxy, calls: Calls
 ):
-    bot = await proxied.bot_key()
-    await register_group(proxied.client, bot)
-    calls = Calls(proxied, bot)
-    assert all(r.is_success for r in await calls.all())
     proxy.partition()
-    seconds, responses = await timed(calls)
-    for response in responses:
-        assert_503(response)
+    seconds = await all_503(calls)
     assert seconds < 10, f"503s took {seconds:.2f}s"
     # The LISTEN link notices too, and readiness says so.
     assert (await proxied.client.get("/readyz")).status_code == 503
