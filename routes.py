@@ -218,6 +218,25 @@ async def load_channel(session: AsyncSession, chat_id: int, *, lock: bool = Fals
     return channel
 
 
+async def register_row[Row: (Group, Channel)](
+    session: AsyncSession, model: type[Row], chat_id: int, values: dict[str, Any]
+) -> tuple[Row, bool]:
+    """The row of a chat id, locked, and whether this call created it from `values` (the
+    bot's registrations, which API.md makes upserts). INSERT … ON CONFLICT DO NOTHING waits
+    for a concurrent registration of the same id and then yields to it, so of two replicas
+    registering one chat at once the second answers 200 with its changes applied, not a
+    409; the loop ends unless the row is deleted each time between the two statements."""
+    table: Any = model.__table__  # pyrefly: ignore[missing-attribute]
+    locked = select(model).where(model.chat_id == chat_id).with_for_update()
+    created = False
+    while (row := await session.scalar(locked)) is None:
+        new = model.model_validate({"chat_id": chat_id, **values})
+        statement = upsert(session, table).values(new.model_dump(exclude={"id"}))
+        statement = statement.on_conflict_do_nothing(index_elements=["chat_id"])
+        created = await session.scalar(statement.returning(table.c.id)) is not None
+    return row, created
+
+
 async def group_dep(chat_id: GroupIdPath, session: SessionDep) -> Group:
     return await load_group(session, chat_id)
 
@@ -1148,34 +1167,22 @@ async def read_policy() -> Response:
     responses={201: {"model": Policy, "description": "Registered"}, **answers(etag=(200, 201))},
 )
 async def register_group(
-    chat_id: GroupIdPath,
-    body: BotGroupPut,
-    session: SessionDep,
-    actor: BotCaller,
-    policies: PoliciesDep,
+    chat_id: GroupIdPath, body: BotGroupPut, session: SessionDep, actor: BotCaller
 ) -> Response:
     """The bot was added to (or saw) a group: create it with defaults, or refresh its title."""
-    group = await session.scalar(select(Group).where(Group.chat_id == chat_id).with_for_update())
-    created = group is None
-    if group is None:
-        group = Group.model_validate({"chat_id": chat_id, **body.model_dump(exclude_unset=True)})
-        session.add(group)
-        try:
-            await session.flush()
-        except IntegrityError:  # registered concurrently by another replica
-            await session.rollback()
-            return policy.answer(await policies.get(chat_id, session), chat_id)
+    changes = body.model_dump(exclude_unset=True)
+    group, created = await register_row(session, Group, chat_id, changes)
+    if created:
         await actor.audit(session, "group.register", "group", chat_id, after=snapshot(group))
         policy.changed(session, chat_id)
     else:
-        changes = body.model_dump(exclude_unset=True)
         # Counters change all the time: stored, but not a new version of the group.
         for field in ("member_count", "added_by_user_id"):
             if field in changes:
                 setattr(group, field, changes.pop(field))
         await apply_changes(session, actor, group, changes)
+    entry = await policy.build(session, chat_id)
     await session.commit()
-    entry = await policies.get(chat_id, session)
     return policy.answer(entry, chat_id, 201 if created else 200)
 
 
@@ -1184,7 +1191,7 @@ async def register_group(
     response_model=ChannelPublic,
     responses={
         201: {"model": ChannelPublic, "description": "Registered"},
-        **answers(409, etag=(200, 201)),
+        **answers(etag=(200, 201)),
     },
 )
 async def register_channel(
@@ -1195,23 +1202,13 @@ async def register_channel(
     response: Response,
 ) -> ChannelPublic:
     """Create or refresh a channel's metadata."""
-    channel = await session.scalar(
-        select(Channel).where(Channel.chat_id == chat_id).with_for_update()
-    )
-    if channel is None:
-        channel = Channel.model_validate(
-            {"chat_id": chat_id, **body.model_dump(exclude_unset=True)}
-        )
-        session.add(channel)
-        try:
-            await session.flush()
-        except IntegrityError:
-            raise conflict(f"channel {chat_id} was registered concurrently; retry") from None
+    changes = body.model_dump(exclude_unset=True)
+    channel, created = await register_row(session, Channel, chat_id, changes)
+    if created:
         after = snapshot(channel)
         await actor.audit(session, "channel.register", "channel", chat_id, after=after)
         response.status_code = 201
     else:
-        changes = body.model_dump(exclude_unset=True)
         if "subscriber_count" in changes:
             channel.subscriber_count = changes.pop("subscriber_count")
         await update_channel_row(session, actor, channel, changes)

@@ -1,6 +1,7 @@
 """Bot API: the policy hot path and its cache, registration, migration, ingestion, members."""
 
 import asyncio
+from collections import Counter
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -10,7 +11,7 @@ from sqlalchemy import func, select
 from sqlmodel import col
 
 from models import Member, Verification
-from tests.conftest import Harness, JWKSServer, Tokens, problem, start_harness
+from tests.conftest import Harness, JWKSServer, Tokens, audit_log, problem, start_harness
 from tests.factories import (
     CHANNEL_ID,
     GROUP_ID,
@@ -186,6 +187,31 @@ async def test_bot_writes_are_audited_as_the_key(client, bot, owner):
     for entry in entries[:3]:
         assert entry["actor"]["kind"] == "bot" and entry["actor"]["name"] == "bot"
         assert entry["actor"]["id"].startswith("key:")
+
+
+async def test_concurrent_registrations_are_201_then_200(harness, replica, bot, owner):
+    """Two replicas registering one new group or channel at once (each with its own title):
+    one creates it, the other then finds it and applies its change, as an upsert does."""
+    for each in (harness, replica):  # the key checked and a connection open on both
+        problem(await policy(each.client, bot, -1009999999999), 404)
+    for n in range(5):
+        for path in (f"groups/{GROUP - n}", f"channels/{CHANNEL - n}"):
+            pair = await asyncio.gather(
+                *(
+                    each.client.put(f"/api/v1/bot/{path}", json={"title": name}, headers=bot)
+                    for each, name in ((harness, "A"), (replica, "B"))
+                )
+            )
+            pair.sort(key=lambda r: r.status_code)
+            assert [r.status_code for r in pair] == [200, 201], [r.text for r in pair]
+            assert [r.json()["version"] for r in pair] == [2, 1]  # the title changed
+            if path.startswith("channels"):  # a channel answers itself, a group its policy
+                assert {r.json()["title"] for r in pair} == {"A", "B"}
+    actions = Counter(e["action"] for e in await audit_log(harness.client, owner))
+    assert actions == {
+        "group.register": 5, "group.update": 5, "channel.register": 5, "channel.update": 5,
+        "bot_key.create": 1,
+    }  # fmt: skip
 
 
 async def test_supabase_token_is_refused_on_bot_routes(client, editor):
