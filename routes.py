@@ -145,7 +145,6 @@ Since = Annotated[Time | None, Query(description="inclusive")]
 Until = Annotated[Time | None, Query(description="exclusive")]
 GroupQuery = Annotated[GroupChatId | None, Query()]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
-PoliciesDep = Annotated[policy.Policies, Depends(policy.policies)]
 CHAT_ID_RE = re.compile(r"-?[0-9]{1,19}")
 HEARTBEAT_SECONDS = 30
 DEFAULT_RECHECK_SECONDS = 600
@@ -543,10 +542,11 @@ async def link_group_channel(
 ) -> GroupPublic:
     """Require a channel in a group (idempotent: 201 when new, 200 when already linked)."""
     group, created = await link_channel(session, actor, chat_id, channel_id)
+    public = await group_public(session, group)
     await session.commit()
     response.status_code = 201 if created else 200
     etag(response, group.version)
-    return await group_public(session, group)
+    return public
 
 
 @dashboard.delete(
@@ -1226,16 +1226,12 @@ async def register_channel(
     },
 )
 async def bot_link_channel(
-    chat_id: GroupIdPath,
-    channel_id: ChannelIdPath,
-    session: SessionDep,
-    actor: BotCaller,
-    policies: PoliciesDep,
+    chat_id: GroupIdPath, channel_id: ChannelIdPath, session: SessionDep, actor: BotCaller
 ) -> Response:
     """Require a channel in a group (the in-chat "protect @channel" command)."""
     _, created = await link_channel(session, actor, chat_id, channel_id)
+    entry = await policy.build(session, chat_id)
     await session.commit()
-    entry = await policies.get(chat_id, session)
     return policy.answer(entry, chat_id, 201 if created else 200)
 
 
@@ -1252,11 +1248,7 @@ async def bot_unlink_channel(
     "/groups/{chat_id}/migrate", response_model=Policy, responses=answers(404, 409, etag=(200,))
 )
 async def migrate_group(
-    chat_id: GroupIdPath,
-    body: GroupMigrate,
-    session: SessionDep,
-    actor: BotCaller,
-    policies: PoliciesDep,
+    chat_id: GroupIdPath, body: GroupMigrate, session: SessionDep, actor: BotCaller
 ) -> Response:
     """A basic group became a supergroup: move settings, links, members and history."""
     new_id = body.new_chat_id
@@ -1279,8 +1271,9 @@ async def migrate_group(
         raise conflict(f"group {new_id} already exists") from None
     await actor.audit(session, "group.migrate", "group", chat_id, before, snapshot(group))
     policy.changed(session, chat_id, new_id)
+    entry = await policy.build(session, new_id)
     await session.commit()
-    return policy.answer(await policies.get(new_id, session), new_id)
+    return policy.answer(entry, new_id)
 
 
 @bot.get("/channels/{chat_id}/groups", response_model=ChatRefList, responses=answers(404))

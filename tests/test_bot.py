@@ -214,6 +214,26 @@ async def test_concurrent_registrations_are_201_then_200(harness, replica, bot, 
     }  # fmt: skip
 
 
+async def test_bot_writes_answer_through_the_requests_session(client, bot):
+    """Each answers its policy (or channel) from inside its own transaction. On SQLite the
+    pool holds one connection: a route that opened a second session there while its own
+    held it would wait 30 s for the pool, then answer 503."""
+    link = f"/api/v1/bot/groups/{GROUP}/channels/{CHANNEL}"
+    async with asyncio.timeout(10):
+        await register_group(client, bot)
+        await register_group(client, bot, status=200)
+        await register_channel(client, bot)
+        await register_channel(client, bot, status=200)
+        for status in (201, 200):  # linked, then linked already
+            response = await client.put(link, headers=bot)
+            assert response.status_code == status, response.text
+            assert [c["chat_id"] for c in response.json()["channels"]] == [CHANNEL]
+        migrate = f"/api/v1/bot/groups/{GROUP}/migrate"
+        response = await client.post(migrate, json={"new_chat_id": GROUP2}, headers=bot)
+        assert response.status_code == 200, response.text
+        assert response.json()["chat_id"] == GROUP2
+
+
 async def test_supabase_token_is_refused_on_bot_routes(client, editor):
     body = problem(await policy(client, editor), 401)
     assert body["detail"] == "bot routes need a bot key (cgk_…)"
