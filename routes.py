@@ -1003,14 +1003,26 @@ async def list_staff(
     return CountedPage[StaffPublic](items=items, next_cursor=next_cursor, total=total)
 
 
-async def other_owner_exists(
-    session: AsyncSession, env_owners: set[str], user_id: uuid.UUID
-) -> bool:
-    # Lock the owner rows so two owners demoting each other cannot both succeed.
-    owners = await session.scalars(
-        select(Staff.user_id).where(Staff.role == "owner").with_for_update()
+async def lock_staff(
+    session: AsyncSession, actor: Principal, user_id: uuid.UUID
+) -> tuple[Staff | None, set[str]]:
+    """The staff row of `user_id` and the user ids of the database owners, with the rows a
+    staff change reads (the target's, the actor's, every owner's) locked in one statement,
+    in user-id order. Two changes then never each hold a row the other waits for (two
+    owners demoting each other deadlocked), and the one that waits reads what the other
+    did: it neither leaves no owner nor acts as an owner it no longer is (403)."""
+    actor_id = uuid.UUID(actor.id) if actor.source == "database" else user_id
+    rows = await session.scalars(
+        select(Staff)
+        .where(or_(col(Staff.user_id).in_({user_id, actor_id}), col(Staff.role) == "owner"))
+        .order_by(col(Staff.user_id))
+        .with_for_update()
     )
-    return bool((env_owners | {str(u) for u in owners}) - {str(user_id)})
+    by_id = {row.user_id: row for row in rows}
+    acting = by_id.get(actor_id)
+    if actor.source == "database" and (acting is None or acting.role != "owner"):
+        raise HTTPException(403, "this needs the owner role")
+    return by_id.get(user_id), {str(u) for u, row in by_id.items() if row.role == "owner"}
 
 
 @dashboard.put(
@@ -1031,9 +1043,9 @@ async def put_staff(
     env_owners = auth_state(request).owner_ids
     if str(user_id) in env_owners and body.role != "owner":
         raise conflict("this user is an owner through OWNER_USER_IDS; change it there")
-    staff = await session.scalar(select(Staff).where(Staff.user_id == user_id).with_for_update())
+    staff, owners = await lock_staff(session, actor, user_id)
     demoting = staff is not None and staff.role == "owner" and body.role != "owner"
-    if demoting and not await other_owner_exists(session, env_owners, user_id):
+    if demoting and not (env_owners | owners) - {str(user_id)}:
         raise conflict("this would leave no owner")
     before = snapshot(staff) if staff else None
     if staff is None:
@@ -1062,10 +1074,10 @@ async def delete_staff(
     env_owners = auth_state(request).owner_ids
     if str(user_id) in env_owners:
         raise conflict("this user is an owner through OWNER_USER_IDS; remove them there")
-    staff = await session.scalar(select(Staff).where(Staff.user_id == user_id).with_for_update())
+    staff, owners = await lock_staff(session, actor, user_id)
     if staff is None:
         raise not_found(f"staff member {user_id}")
-    if staff.role == "owner" and not await other_owner_exists(session, env_owners, user_id):
+    if staff.role == "owner" and not (env_owners | owners) - {str(user_id)}:
         raise conflict("this is the last owner")
     await actor.audit(session, "staff.delete", "staff", user_id, before=snapshot(staff))
     await session.delete(staff)
