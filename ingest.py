@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 from sqlmodel import select as select_rows
 
-from analytics import update_rollups
+from analytics import move_rollups, update_rollups
 from db import VERIFICATION, announce, bulk_insert
 from models import (
     Member,
@@ -193,6 +193,17 @@ async def recount_members(session: AsyncSession, chat_id: int) -> None:
     ).one()
     if verified or restricted:
         await add_member_counts(session, {chat_id: [verified, restricted]})
+
+
+async def move_chat(session: AsyncSession, old: int, new: int) -> None:
+    """Move everything ingestion keeps under a group's chat id to its new one (a basic group
+    became a supergroup), merged with what the new id holds already: the raw log, member
+    states, rollups and sketches."""
+    await session.execute(
+        update(VERIFICATIONS).where(VERIFICATIONS.c.chat_id == old).values(chat_id=new)
+    )
+    await move_members(session, old, new)
+    await move_rollups(session, old, new)
 
 
 async def move_members(session: AsyncSession, old: int, new: int) -> None:

@@ -65,7 +65,7 @@ from db import (
     upsert,
 )
 from feed import Subscriber, subscription
-from ingest import ingest, move_members, recount_members
+from ingest import ingest, move_chat, recount_members
 from metrics import metrics_of
 from models import (
     GROUP_ID_SCHEMA,
@@ -1269,10 +1269,7 @@ async def migrate_group(
     group = await load_group(session, chat_id, lock=True)
     if await session.scalar(select(Group.id).where(Group.chat_id == new_id)):
         raise conflict(f"group {new_id} already exists")
-    await move_members(session, chat_id, new_id)
-    await session.execute(
-        update(Verification).where(col(Verification.chat_id) == chat_id).values(chat_id=new_id)
-    )
+    await move_chat(session, chat_id, new_id)
     before = snapshot(group)
     group.chat_id = new_id
     group.version += 1
