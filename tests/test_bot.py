@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from models import Member, Verification
+from models import Member, Verification, rollups, user_sketches
 from tests.conftest import Harness, JWKSServer, Tokens, audit_log, problem, start_harness
 from tests.factories import (
     CHANNEL_ID,
@@ -32,6 +32,7 @@ GROUP = GROUP_ID
 GROUP2 = -1002222222222
 CHANNEL = CHANNEL_ID
 CHANNEL2 = -1004444444444
+ANALYTICS = "/api/v1/analytics/summary"
 
 
 def now() -> datetime:
@@ -267,6 +268,41 @@ async def test_migrate_moves_settings_links_members_and_history(harness, client,
     assert by_user[1]["checks"] == 2 and by_user[1]["status"] == "restricted"
     assert by_user[2]["status"] == "restricted"
     assert await count(harness, Member, Member.chat_id == GROUP) == 0
+
+
+async def test_events_for_the_old_id_follow_a_migration_however_they_race_it(
+    harness, client, bot, viewer
+):
+    """Batches for the old id sent while the migration runs (each on its own connection on
+    PostgreSQL) and after it (batched before it, or from a replica that has not heard):
+    every event is stored under the new id, in the log, the member states and the
+    analytics. Nothing stays behind under the old one."""
+    for n in range(3):
+        old, new = GROUP - n, GROUP2 - n
+        await register_group(client, bot, old)
+        batches = [[event(old, user_id=u, result="blocked") for u in range(1, 30)]]
+        batches += [[event(old, user_id=u) for u in range(b, b + 30)] for b in range(1, 300, 30)]
+        await post_events(client, bot, batches[0])
+        migrate = client.post(
+            f"/api/v1/bot/groups/{old}/migrate", json={"new_chat_id": new}, headers=bot
+        )
+        calls = [ingest(client, bot, batch) for batch in batches[1:]]
+        responses = await asyncio.gather(*calls[:5], migrate, *calls[5:])
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        late = await post_events(client, bot, [event(old, user_id=1)])
+        assert late == {"accepted": 1, "duplicates": 0}
+        total = sum(map(len, batches)) + 1
+        assert await count(harness, Verification, Verification.chat_id == new) == total
+        for table, column in (
+            (Verification, Verification.chat_id),
+            (Member, Member.chat_id),
+            (rollups, rollups.c.chat_id),
+            (user_sketches, user_sketches.c.chat_id),
+        ):
+            assert await count(harness, table, column == old) == 0, table
+        summary = (await client.get(ANALYTICS, params={"group": new}, headers=viewer)).json()
+        assert summary["checks"] == total and abs(summary["unique_users"] - 300) <= 2
+        assert (summary["verified_members"], summary["restricted_members"]) == (300, 0)
 
 
 async def test_migrate_conflicts_and_unknowns(client, bot):
