@@ -16,10 +16,10 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import BigInteger, ColumnElement, and_, delete, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db import bulk_insert, bulk_update
+from db import bulk_insert, bulk_update, upsert
 from models import (
     ALL_GROUPS,
     COUNTERS,
@@ -96,6 +96,14 @@ def merge(blob: bytes, index: np.ndarray, rank: np.ndarray) -> bytes:
     registers = np.zeros(M, dtype=np.uint8)
     registers[all_index] = all_rank
     return DENSE + registers.tobytes()
+
+
+def union(blob: bytes, other: bytes) -> bytes:
+    """One sketch of the users either saw: `other`'s registers folded into `blob` as a
+    batch's are (the larger rank wins in each register)."""
+    registers = decode(other)
+    index = np.flatnonzero(registers)
+    return merge(blob, index, registers[index])
 
 
 def estimate(registers: np.ndarray) -> int:
@@ -244,6 +252,48 @@ async def merge_sketches(session: AsyncSession, users: dict[Key, list[int]]) -> 
         at = [position[u] for u in members]
         updates.append({"id": row.id, "registers": merge(row.registers, index[at], rank[at])})
     await bulk_update(session, user_sketches, updates)
+
+
+async def move_rollups(session: AsyncSession, old: int, new: int) -> None:
+    """Re-key a group's rollups and sketches to its new chat id (a migration), merged into
+    what the new id holds already: counters and latency histograms add, sketches unite.
+    The all-groups sketches saw both ids' users already and stay as they are."""
+    for table in (rollups, channel_rollups):
+        key = ["grain", "bucket", *(["channel_id"] if table is channel_rollups else [])]
+        counted = [c.name for c in table.c if c.name not in {"id", "chat_id", *key}]
+        moved = select(
+            *[table.c[k] for k in key], literal(new, BigInteger), *[table.c[n] for n in counted]
+        ).where(table.c.chat_id == old)
+        statement = upsert(session, table).from_select([*key, "chat_id", *counted], moved)
+        statement = statement.on_conflict_do_update(
+            index_elements=[*key, "chat_id"],
+            set_={n: table.c[n] + statement.excluded[n] for n in counted},
+        )
+        await session.execute(statement)
+        await session.execute(delete(table).where(table.c.chat_id == old))
+
+    theirs = user_sketches.alias("theirs")
+    both = await session.execute(
+        select(user_sketches.c.id, user_sketches.c.registers, theirs.c.id, theirs.c.registers)
+        .join(
+            theirs,
+            and_(
+                theirs.c.chat_id == old,
+                theirs.c.grain == user_sketches.c.grain,
+                theirs.c.bucket == user_sketches.c.bucket,
+            ),
+        )
+        .where(user_sketches.c.chat_id == new)
+    )
+    merged, gone = [], []
+    for kept, registers, old_id, old_registers in both:
+        merged.append({"id": kept, "registers": union(registers, old_registers)})
+        gone.append(old_id)
+    await bulk_update(session, user_sketches, merged)
+    await session.execute(delete(user_sketches).where(user_sketches.c.id.in_(gone)))
+    await session.execute(
+        update(user_sketches).where(user_sketches.c.chat_id == old).values(chat_id=new)
+    )
 
 
 # ---------------------------------------------------------------- windows

@@ -280,6 +280,32 @@ def auth_state(connection: HTTPConnection) -> AuthState:
     return connection.app.state.services.auth
 
 
+# The claims channelgate reads and the JSON type each must have. A signed token is still
+# input: PyJWT checks the registered claims only as far as it uses them (an `exp` of "9999"
+# passes), and an `email` object or list would reach the audit log and the answers as a 500.
+NUMBER, TEXT, BOOLEAN = (int, float), (str,), (bool,)
+CLAIM_TYPES = {
+    "exp": NUMBER, "iat": NUMBER, "nbf": NUMBER,
+    "sub": TEXT, "role": TEXT, "aal": TEXT, "email": TEXT, "is_anonymous": BOOLEAN,
+}  # fmt: skip
+TYPE_NAMES = {NUMBER: "a number", TEXT: "a string", BOOLEAN: "true or false"}
+MAX_EMAIL = 320  # what the audit log's actor_name holds
+
+
+def claim_type_error(claims: dict[str, Any]) -> str | None:
+    """What is wrong with a claim channelgate reads, if anything. Exact types: `true` is not
+    a number. A claim left out (or null) is not wrong here; where one is required, the
+    checks that follow say so."""
+    for name, kinds in CLAIM_TYPES.items():
+        value = claims.get(name)
+        if value is not None and type(value) not in kinds:
+            return f"the {name!r} claim must be {TYPE_NAMES[kinds]}"
+    email = claims.get("email")
+    if email is not None and (len(email) > MAX_EMAIL or "\x00" in email):
+        return f"the 'email' claim must be at most {MAX_EMAIL} characters, without NUL"
+    return None
+
+
 async def verify_token(token: str, state: AuthState) -> dict[str, Any]:
     """Check a Supabase access token; returns its claims or raises 401/503."""
     settings = state.settings
@@ -326,12 +352,14 @@ async def verify_token(token: str, state: AuthState) -> dict[str, Any]:
         raise unauthorized(f"invalid token: {exc}") from None
     except (ValueError, TypeError):
         raise unauthorized("invalid token") from None
+    if (wrong := claim_type_error(claims)) is not None:
+        raise unauthorized(f"invalid token: {wrong}")
     if claims.get("role") != "authenticated":
         raise unauthorized("token role must be 'authenticated'")
     if claims.get("is_anonymous") is True:
         raise unauthorized("anonymous sign-ins are not accepted")
     try:
-        claims["sub"] = str(uuid.UUID(str(claims["sub"])))
+        claims["sub"] = str(uuid.UUID(claims["sub"]))
     except ValueError:
         raise unauthorized("token subject is not a user id") from None
     return claims

@@ -199,7 +199,9 @@ def connector(url: str, settings: Settings, pooled: bool) -> Callable[[], Awaita
         if not pooled:
             try:
                 await connection.execute(bound_session)
-            except (OSError, TimeoutError) as exc:
+            # InternalClientError: a backend terminated during the SET can leave asyncpg's
+            # protocol in a state it refuses to leave ("cannot switch to state 15"): a 500.
+            except (OSError, TimeoutError, asyncpg.InternalClientError) as exc:
                 connection.terminate()
                 raise Unreachable(f"lost PostgreSQL while connecting: {exc!r}") from exc
         return connection

@@ -9,18 +9,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, delete, func, literal_column, select, update
+from sqlalchemy import ColumnElement, case, delete, func, literal_column, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 from sqlmodel import select as select_rows
 
-from analytics import update_rollups
-from db import VERIFICATION, announce, bulk_insert
+from analytics import move_rollups, update_rollups
+from db import VERIFICATION, announce, bulk_insert, is_postgres, upsert
 from models import (
     Member,
     MemberStatus,
     Verification,
     VerificationIn,
+    group_migrations,
     member_counts,
     utcnow,
 )
@@ -85,6 +86,11 @@ async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> dic
     ordered = [unique[k] for k in sorted(unique)]
     if not ordered:
         return {}
+    if moved := await moved_to(session, {e.chat_id for e in ordered}):
+        ordered = [
+            e.model_copy(update={"chat_id": moved[e.chat_id]}) if e.chat_id in moved else e
+            for e in ordered
+        ]
     received_at = utcnow()
     rows = [
         {
@@ -193,6 +199,47 @@ async def recount_members(session: AsyncSession, chat_id: int) -> None:
     ).one()
     if verified or restricted:
         await add_member_counts(session, {chat_id: [verified, restricted]})
+
+
+async def moved_to(session: AsyncSession, chat_ids: set[int]) -> dict[int, int]:
+    """Where the migrated ones among these chat ids went: a bot still reports events under
+    a group's old id after it migrates (batched before, or sent by a replica that has not
+    heard), and they belong to the group. The batch's first read: see `move_chat`."""
+    rows = await session.execute(
+        select(group_migrations.c.old_chat_id, group_migrations.c.new_chat_id).where(
+            group_migrations.c.old_chat_id.in_(sorted(chat_ids))
+        )
+    )
+    return {old: new for old, new in rows}
+
+
+async def move_chat(session: AsyncSession, old: int, new: int) -> None:
+    """Move everything ingestion keeps under a group's chat id to its new one (a basic group
+    became a supergroup), merged with what the new id holds already: the raw log, member
+    states, rollups and sketches; and send the old id's later events there too.
+
+    On PostgreSQL it first takes group_migrations for itself. Every batch reads that table
+    first (`moved_to`) and holds it until it commits, so the migration waits for the
+    batches in flight, whose rows it then moves, and the batches that arrive meanwhile
+    wait at that read, then read where the old id went. No event of the old id is stored
+    beside the move, to stay behind under an id no group has."""
+    if is_postgres(session):
+        await session.execute(text("LOCK TABLE group_migrations IN ACCESS EXCLUSIVE MODE"))
+    await session.execute(
+        update(group_migrations)
+        .where(group_migrations.c.new_chat_id == old)
+        .values(new_chat_id=new)  # ids that migrated to the old one follow it
+    )
+    moved = {"new_chat_id": new, "migrated_at": utcnow()}
+    statement = upsert(session, group_migrations).values(old_chat_id=old, **moved)
+    await session.execute(
+        statement.on_conflict_do_update(index_elements=["old_chat_id"], set_=moved)
+    )
+    await session.execute(
+        update(VERIFICATIONS).where(VERIFICATIONS.c.chat_id == old).values(chat_id=new)
+    )
+    await move_members(session, old, new)
+    await move_rollups(session, old, new)
 
 
 async def move_members(session: AsyncSession, old: int, new: int) -> None:

@@ -959,6 +959,16 @@ member_counts = Table(
     Column("restricted", BigInteger, nullable=False),
 )
 
+# Where each migrated chat id went (a basic group that became a supergroup): events a bot
+# still reports under the old id are stored under the new one (ingest.moved_to).
+group_migrations = Table(
+    "group_migrations",
+    metadata,
+    Column("old_chat_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("new_chat_id", BigInteger, nullable=False),
+    Column("migrated_at", UTCDateTime, nullable=False),
+)
+
 # HyperLogLog sketches of the users seen, per group and for all groups (chat_id 0).
 user_sketches = Table(
     "user_sketches",

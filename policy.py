@@ -102,9 +102,10 @@ class Policies:
         self.generation += 1
         self.entries.clear()
 
-    async def get(self, chat_id: int, session: AsyncSession | None = None) -> Entry:
-        """The cached entry, or one built now (through `session` if the caller has one: a
-        route never waits for a second connection while holding its own)."""
+    async def get(self, chat_id: int) -> Entry:
+        """The cached entry, or one built now through a session of its own: for the hot
+        path, which holds no other. A write route answers with `build` through its own
+        session, inside its transaction (see DESIGN.md, "Transactions and sessions")."""
         if not self.linked and (now := time.monotonic()) >= self.expires:
             self.clear()
             self.expires = now + UNLINKED_TRUST
@@ -112,11 +113,8 @@ class Policies:
             return self.entries[chat_id]
         except KeyError:
             generation = self.generation
-            if session is not None:
+            async with self.db.sessionmaker() as session:
                 entry = await build(session, chat_id)
-            else:
-                async with self.db.sessionmaker() as own:
-                    entry = await build(own, chat_id)
             if generation == self.generation:
                 if len(self.entries) >= MAX_ENTRIES:
                     self.entries.clear()

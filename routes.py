@@ -71,7 +71,7 @@ from db import (
     upsert,
 )
 from feed import Subscriber, feed_of
-from ingest import ingest, move_members, recount_members
+from ingest import ingest, move_chat, recount_members
 from metrics import metrics_of
 from models import (
     GROUP_ID_SCHEMA,
@@ -154,7 +154,6 @@ Since = Annotated[Time | None, Query(description="inclusive")]
 Until = Annotated[Time | None, Query(description="exclusive")]
 GroupQuery = Annotated[GroupChatId | None, Query()]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
-PoliciesDep = Annotated[policy.Policies, Depends(policy.policies)]
 CHAT_ID_RE = re.compile(r"-?[0-9]{1,19}")
 HEARTBEAT_SECONDS = 30
 DEFAULT_RECHECK_SECONDS = 600
@@ -225,6 +224,25 @@ async def load_channel(session: AsyncSession, chat_id: int, *, lock: bool = Fals
     if channel is None:
         raise not_found(f"channel {chat_id}")
     return channel
+
+
+async def register_row[Row: (Group, Channel)](
+    session: AsyncSession, model: type[Row], chat_id: int, values: dict[str, Any]
+) -> tuple[Row, bool]:
+    """The row of a chat id, locked, and whether this call created it from `values` (the
+    bot's registrations, which API.md makes upserts). INSERT … ON CONFLICT DO NOTHING waits
+    for a concurrent registration of the same id and then yields to it, so of two replicas
+    registering one chat at once the second answers 200 with its changes applied, not a
+    409; the loop ends unless the row is deleted each time between the two statements."""
+    table: Any = model.__table__  # pyrefly: ignore[missing-attribute]
+    locked = select(model).where(model.chat_id == chat_id).with_for_update()
+    created = False
+    while (row := await session.scalar(locked)) is None:
+        new = model.model_validate({"chat_id": chat_id, **values})
+        statement = upsert(session, table).values(new.model_dump(exclude={"id"}))
+        statement = statement.on_conflict_do_nothing(index_elements=["chat_id"])
+        created = await session.scalar(statement.returning(table.c.id)) is not None
+    return row, created
 
 
 async def group_dep(chat_id: GroupIdPath, session: SessionDep) -> Group:
@@ -533,10 +551,11 @@ async def link_group_channel(
 ) -> GroupPublic:
     """Require a channel in a group (idempotent: 201 when new, 200 when already linked)."""
     group, created = await link_channel(session, actor, chat_id, channel_id)
+    public = await group_public(session, group)
     await session.commit()
     response.status_code = 201 if created else 200
     etag(response, group.version)
-    return await group_public(session, group)
+    return public
 
 
 @dashboard.delete(
@@ -1049,14 +1068,26 @@ async def list_staff(
     return CountedPage[StaffPublic](items=items, next_cursor=next_cursor, total=total)
 
 
-async def other_owner_exists(
-    session: AsyncSession, env_owners: set[str], user_id: uuid.UUID
-) -> bool:
-    # Lock the owner rows so two owners demoting each other cannot both succeed.
-    owners = await session.scalars(
-        select(Staff.user_id).where(Staff.role == "owner").with_for_update()
+async def lock_staff(
+    session: AsyncSession, actor: Principal, user_id: uuid.UUID
+) -> tuple[Staff | None, set[str]]:
+    """The staff row of `user_id` and the user ids of the database owners, with the rows a
+    staff change reads (the target's, the actor's, every owner's) locked in one statement,
+    in user-id order. Two changes then never each hold a row the other waits for (two
+    owners demoting each other deadlocked), and the one that waits reads what the other
+    did: it neither leaves no owner nor acts as an owner it no longer is (403)."""
+    actor_id = uuid.UUID(actor.id) if actor.source == "database" else user_id
+    rows = await session.scalars(
+        select(Staff)
+        .where(or_(col(Staff.user_id).in_({user_id, actor_id}), col(Staff.role) == "owner"))
+        .order_by(col(Staff.user_id))
+        .with_for_update()
     )
-    return bool((env_owners | {str(u) for u in owners}) - {str(user_id)})
+    by_id = {row.user_id: row for row in rows}
+    acting = by_id.get(actor_id)
+    if actor.source == "database" and (acting is None or acting.role != "owner"):
+        raise HTTPException(403, "this needs the owner role")
+    return by_id.get(user_id), {str(u) for u, row in by_id.items() if row.role == "owner"}
 
 
 @dashboard.put(
@@ -1077,9 +1108,9 @@ async def put_staff(
     env_owners = auth_state(request).owner_ids
     if str(user_id) in env_owners and body.role != "owner":
         raise conflict("this user is an owner through OWNER_USER_IDS; change it there")
-    staff = await session.scalar(select(Staff).where(Staff.user_id == user_id).with_for_update())
+    staff, owners = await lock_staff(session, actor, user_id)
     demoting = staff is not None and staff.role == "owner" and body.role != "owner"
-    if demoting and not await other_owner_exists(session, env_owners, user_id):
+    if demoting and not (env_owners | owners) - {str(user_id)}:
         raise conflict("this would leave no owner")
     before = snapshot(staff) if staff else None
     if staff is None:
@@ -1108,10 +1139,10 @@ async def delete_staff(
     env_owners = auth_state(request).owner_ids
     if str(user_id) in env_owners:
         raise conflict("this user is an owner through OWNER_USER_IDS; remove them there")
-    staff = await session.scalar(select(Staff).where(Staff.user_id == user_id).with_for_update())
+    staff, owners = await lock_staff(session, actor, user_id)
     if staff is None:
         raise not_found(f"staff member {user_id}")
-    if staff.role == "owner" and not await other_owner_exists(session, env_owners, user_id):
+    if staff.role == "owner" and not (env_owners | owners) - {str(user_id)}:
         raise conflict("this is the last owner")
     await actor.audit(session, "staff.delete", "staff", user_id, before=snapshot(staff))
     await session.delete(staff)
@@ -1213,34 +1244,22 @@ async def read_policy() -> Response:
     responses={201: {"model": Policy, "description": "Registered"}, **answers(etag=(200, 201))},
 )
 async def register_group(
-    chat_id: GroupIdPath,
-    body: BotGroupPut,
-    session: SessionDep,
-    actor: BotCaller,
-    policies: PoliciesDep,
+    chat_id: GroupIdPath, body: BotGroupPut, session: SessionDep, actor: BotCaller
 ) -> Response:
     """The bot was added to (or saw) a group: create it with defaults, or refresh its title."""
-    group = await session.scalar(select(Group).where(Group.chat_id == chat_id).with_for_update())
-    created = group is None
-    if group is None:
-        group = Group.model_validate({"chat_id": chat_id, **body.model_dump(exclude_unset=True)})
-        session.add(group)
-        try:
-            await session.flush()
-        except IntegrityError:  # registered concurrently by another replica
-            await session.rollback()
-            return policy.answer(await policies.get(chat_id, session), chat_id)
+    changes = body.model_dump(exclude_unset=True)
+    group, created = await register_row(session, Group, chat_id, changes)
+    if created:
         await actor.audit(session, "group.register", "group", chat_id, after=snapshot(group))
         policy.changed(session, chat_id)
     else:
-        changes = body.model_dump(exclude_unset=True)
         # Counters change all the time: stored, but not a new version of the group.
         for field in ("member_count", "added_by_user_id"):
             if field in changes:
                 setattr(group, field, changes.pop(field))
         await apply_changes(session, actor, group, changes)
+    entry = await policy.build(session, chat_id)
     await session.commit()
-    entry = await policies.get(chat_id, session)
     return policy.answer(entry, chat_id, 201 if created else 200)
 
 
@@ -1249,7 +1268,7 @@ async def register_group(
     response_model=ChannelPublic,
     responses={
         201: {"model": ChannelPublic, "description": "Registered"},
-        **answers(409, etag=(200, 201)),
+        **answers(etag=(200, 201)),
     },
 )
 async def register_channel(
@@ -1260,23 +1279,13 @@ async def register_channel(
     response: Response,
 ) -> ChannelPublic:
     """Create or refresh a channel's metadata."""
-    channel = await session.scalar(
-        select(Channel).where(Channel.chat_id == chat_id).with_for_update()
-    )
-    if channel is None:
-        channel = Channel.model_validate(
-            {"chat_id": chat_id, **body.model_dump(exclude_unset=True)}
-        )
-        session.add(channel)
-        try:
-            await session.flush()
-        except IntegrityError:
-            raise conflict(f"channel {chat_id} was registered concurrently; retry") from None
+    changes = body.model_dump(exclude_unset=True)
+    channel, created = await register_row(session, Channel, chat_id, changes)
+    if created:
         after = snapshot(channel)
         await actor.audit(session, "channel.register", "channel", chat_id, after=after)
         response.status_code = 201
     else:
-        changes = body.model_dump(exclude_unset=True)
         if "subscriber_count" in changes:
             channel.subscriber_count = changes.pop("subscriber_count")
         await update_channel_row(session, actor, channel, changes)
@@ -1294,16 +1303,12 @@ async def register_channel(
     },
 )
 async def bot_link_channel(
-    chat_id: GroupIdPath,
-    channel_id: ChannelIdPath,
-    session: SessionDep,
-    actor: BotCaller,
-    policies: PoliciesDep,
+    chat_id: GroupIdPath, channel_id: ChannelIdPath, session: SessionDep, actor: BotCaller
 ) -> Response:
     """Require a channel in a group (the in-chat "protect @channel" command)."""
     _, created = await link_channel(session, actor, chat_id, channel_id)
+    entry = await policy.build(session, chat_id)
     await session.commit()
-    entry = await policies.get(chat_id, session)
     return policy.answer(entry, chat_id, 201 if created else 200)
 
 
@@ -1320,11 +1325,7 @@ async def bot_unlink_channel(
     "/groups/{chat_id}/migrate", response_model=Policy, responses=answers(404, 409, etag=(200,))
 )
 async def migrate_group(
-    chat_id: GroupIdPath,
-    body: GroupMigrate,
-    session: SessionDep,
-    actor: BotCaller,
-    policies: PoliciesDep,
+    chat_id: GroupIdPath, body: GroupMigrate, session: SessionDep, actor: BotCaller
 ) -> Response:
     """A basic group became a supergroup: move settings, links, members and history."""
     new_id = body.new_chat_id
@@ -1333,10 +1334,7 @@ async def migrate_group(
     group = await load_group(session, chat_id, lock=True)
     if await session.scalar(select(Group.id).where(Group.chat_id == new_id)):
         raise conflict(f"group {new_id} already exists")
-    await move_members(session, chat_id, new_id)
-    await session.execute(
-        update(Verification).where(col(Verification.chat_id) == chat_id).values(chat_id=new_id)
-    )
+    await move_chat(session, chat_id, new_id)
     before = snapshot(group)
     group.chat_id = new_id
     group.version += 1
@@ -1347,8 +1345,9 @@ async def migrate_group(
         raise conflict(f"group {new_id} already exists") from None
     await actor.audit(session, "group.migrate", "group", chat_id, before, snapshot(group))
     policy.changed(session, chat_id, new_id)
+    entry = await policy.build(session, new_id)
     await session.commit()
-    return policy.answer(await policies.get(new_id, session), new_id)
+    return policy.answer(entry, new_id)
 
 
 @bot.get("/channels/{chat_id}/groups", response_model=ChatRefList, responses=answers(404))

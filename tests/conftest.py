@@ -260,6 +260,19 @@ async def harness(
 
 
 @pytest.fixture
+async def replica(
+    harness: Harness, database_url: str, jwks_server: JWKSServer, tokens: Tokens
+) -> AsyncIterator[Harness]:
+    """A second app instance on the harness's database, as another replica would be. SQLite
+    serves one process (`serve` refuses more workers), so there it is the harness itself."""
+    if not database_url.startswith("postgresql"):
+        yield harness
+        return
+    async for other in start_harness(database_url, jwks_server.url, tokens):
+        yield other
+
+
+@pytest.fixture
 def client(harness: Harness) -> httpx.AsyncClient:
     return harness.client
 

@@ -569,6 +569,75 @@ async def test_deleted_group_keeps_its_numbers(harness: Harness, bot, editor, vi
     assert (everyone["checks"], everyone["active_groups"]) == (4, 2)
 
 
+async def test_migrated_group_takes_its_numbers_along(harness: Harness, bot, viewer):
+    """A migration moves the rollups, channel rollups and sketches with the log and the
+    members, merged into what the new id holds already (the bot reported there before
+    migrating; some hours hold both). Only these two ids have events, so afterwards the
+    new id's numbers are everyone's, and the old id has none."""
+    client = harness.client
+    old, new = GROUPS[0], GROUPS[3]  # a registered group, an unregistered supergroup
+    await register_group(client, bot, old, title="Basic")
+    rng = random.Random(6)
+    start = floor_day(datetime.now(UTC)) - 3 * DAY + 20 * HOUR  # across day boundaries
+
+    def checked(chat_id: int, user: int) -> dict:
+        result = rng.choice(["passed", "passed", "blocked", "error"])
+        missing = rng.sample(CHANNELS, rng.randint(1, 2)) if result == "blocked" else []
+        at = start + rng.randrange(30 * 3600) * timedelta(seconds=1)
+        latency = rng.choice(SPECIAL_LATENCIES)
+        cached = rng.random() < 0.3
+        return event(chat_id, user, result, at, missing_channel_ids=missing,
+                     latency_ms=latency, cached=cached)  # fmt: skip
+
+    events = [
+        checked(chat_id, user)
+        for chat_id, users in ((old, range(1, 40)), (new, range(25, 60)))
+        for user in users
+        for _ in range(3)
+    ]
+    await post_events(client, bot, events)
+    window = {"since": floor_day(start) - DAY, "until": floor_hour(datetime.now(UTC)) + HOUR}
+    views = [("summary", {}), ("timeseries", {"bucket": "hour"}),
+             ("timeseries", {"bucket": "day"}), ("channels", {})]  # fmt: skip
+
+    async def read(group: int | None) -> list[dict]:
+        return [await ok(client, viewer, path, **window, **params, group=group)
+                for path, params in views]  # fmt: skip
+
+    everyone, of_old, of_new = await read(None), await read(old), await read(new)
+    assert of_new != everyone and of_old[0]["checks"] + of_new[0]["checks"] == len(events)
+
+    url = f"/api/v1/bot/groups/{old}/migrate"
+    migrated = await client.post(url, json={"new_chat_id": new}, headers=bot)
+    assert migrated.status_code == 200, migrated.text
+
+    after, now_new, now_old = await read(None), await read(new), await read(old)
+    assert now_new == after
+    counters = ("checks", "passed", "blocked", "errors", "unique_users", "cache_hit_rate")
+    for name in (*counters, "pass_rate", "latency_ms"):
+        assert now_new[0][name] == everyone[0][name], name
+    for name in ("checks", "passed", "blocked", "errors"):
+        assert now_new[0][name] == of_old[0][name] + of_new[0][name]
+    assert now_new[0]["active_groups"] == 1 and everyone[0]["active_groups"] == 2
+    moved = [{**e, "chat_id": new} for e in events]
+    verified, restricted = member_counts(moved, new)
+    assert (now_new[0]["verified_members"], now_new[0]["restricted_members"]) == (
+        verified,
+        restricted,
+    )
+    assert now_new[1:] == everyone[1:]  # the timeseries and the channels
+    assert now_old[0]["checks"] == now_old[0]["unique_users"] == 0
+    assert now_old[0]["verified_members"] == now_old[0]["restricted_members"] == 0
+    assert all(p["checks"] == 0 for view in now_old[1:3] for p in view["points"])
+    assert now_old[3]["items"] == []
+    top = await ok(client, viewer, "top-groups", **window)
+    total = everyone[0]
+    assert top["items"] == [
+        {"chat_id": new, "title": "Basic", "checks": total["checks"],
+         "blocked": total["blocked"], "pass_rate": total["pass_rate"]}
+    ]  # fmt: skip
+
+
 async def test_analytics_need_staff(harness: Harness, viewer):
     for path in ("summary", "timeseries", "top-groups", "channels"):
         body = problem(await harness.client.get(f"/api/v1/analytics/{path}"), 401)

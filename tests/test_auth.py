@@ -253,6 +253,56 @@ async def test_rejected_token_is_401(
     unauthorized(response, detail)
 
 
+def wrong(claim: str, value: Any, detail: str, name: str | None = None) -> Any:
+    return pytest.param(claim, value, detail, id=f"{claim}={name or json.dumps(value)}")
+
+
+def must_be(claim: str, what: str) -> str:
+    return f"invalid token: the {claim!r} claim must be {what}"
+
+
+NOT_AN_EXP = "invalid token: Expiration Time claim (exp) must be an integer."
+TOO_LONG = must_be("email", "at most 320 characters, without NUL")
+# Every claim channelgate reads, with a value of the wrong JSON type: each was a 500 (or
+# worse, accepted) while the token's signature was good.
+WRONG_CLAIMS = [
+    wrong("email", {"address": "a@example.com"}, must_be("email", "a string")),
+    wrong("email", ["a@example.com"], must_be("email", "a string")),
+    wrong("email", 7, must_be("email", "a string")),
+    wrong("email", "a" * 310 + "@example.com", TOO_LONG, "321-chars"),
+    wrong("email", "a\u0000@example.com", TOO_LONG, "with-NUL"),
+    wrong("aal", {"level": 2}, must_be("aal", "a string")),
+    wrong("aal", ["aal2"], must_be("aal", "a string")),
+    wrong("role", ["authenticated"], must_be("role", "a string")),
+    wrong("role", {"name": "authenticated"}, must_be("role", "a string")),
+    wrong("is_anonymous", [], must_be("is_anonymous", "true or false")),
+    wrong("is_anonymous", "false", must_be("is_anonymous", "true or false")),
+    wrong("is_anonymous", 0, must_be("is_anonymous", "true or false")),
+    wrong("exp", "9999999999", must_be("exp", "a number")),
+    wrong("iat", "0", must_be("iat", "a number")),
+    wrong("iat", True, must_be("iat", "a number")),
+    wrong("nbf", "0", must_be("nbf", "a number")),
+    # PyJWT refuses these first, in its own words
+    wrong("exp", {"at": 9999999999}, NOT_AN_EXP),
+    wrong("exp", [9999999999], NOT_AN_EXP),
+    wrong("iat", [0], "invalid token: Issued At claim (iat) must be an integer."),
+    wrong("sub", [ENV_OWNER], "invalid token: Subject must be a string"),
+    wrong("sub", {"id": ENV_OWNER}, "invalid token: Subject must be a string"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("claim", "value", "detail"), WRONG_CLAIMS)
+async def test_claim_of_the_wrong_type_is_401(
+    harness: Harness, claim: str, value: Any, detail: str
+) -> None:
+    """Signed for an environment owner, so nothing but the claim stands in the way."""
+    for path in (ME, "/api/v1/audit"):
+        unauthorized(
+            await harness.client.get(path, headers=harness.auth(ENV_OWNER, **{claim: value})),
+            detail,
+        )
+
+
 @pytest.mark.parametrize(
     "headers",
     [

@@ -1,6 +1,7 @@
 """Bot API: the policy hot path and its cache, registration, migration, ingestion, members."""
 
 import asyncio
+from collections import Counter
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -9,8 +10,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from models import Member, Verification
-from tests.conftest import Harness, JWKSServer, Tokens, problem, start_harness
+from models import Member, Verification, rollups, user_sketches
+from tests.conftest import Harness, JWKSServer, Tokens, audit_log, problem, start_harness
 from tests.factories import (
     CHANNEL_ID,
     GROUP_ID,
@@ -31,6 +32,7 @@ GROUP = GROUP_ID
 GROUP2 = -1002222222222
 CHANNEL = CHANNEL_ID
 CHANNEL2 = -1004444444444
+ANALYTICS = "/api/v1/analytics/summary"
 
 
 def now() -> datetime:
@@ -188,6 +190,51 @@ async def test_bot_writes_are_audited_as_the_key(client, bot, owner):
         assert entry["actor"]["id"].startswith("key:")
 
 
+async def test_concurrent_registrations_are_201_then_200(harness, replica, bot, owner):
+    """Two replicas registering one new group or channel at once (each with its own title):
+    one creates it, the other then finds it and applies its change, as an upsert does."""
+    for each in (harness, replica):  # the key checked and a connection open on both
+        problem(await policy(each.client, bot, -1009999999999), 404)
+    for n in range(5):
+        for path in (f"groups/{GROUP - n}", f"channels/{CHANNEL - n}"):
+            pair = await asyncio.gather(
+                *(
+                    each.client.put(f"/api/v1/bot/{path}", json={"title": name}, headers=bot)
+                    for each, name in ((harness, "A"), (replica, "B"))
+                )
+            )
+            pair.sort(key=lambda r: r.status_code)
+            assert [r.status_code for r in pair] == [200, 201], [r.text for r in pair]
+            assert [r.json()["version"] for r in pair] == [2, 1]  # the title changed
+            if path.startswith("channels"):  # a channel answers itself, a group its policy
+                assert {r.json()["title"] for r in pair} == {"A", "B"}
+    actions = Counter(e["action"] for e in await audit_log(harness.client, owner))
+    assert actions == {
+        "group.register": 5, "group.update": 5, "channel.register": 5, "channel.update": 5,
+        "bot_key.create": 1,
+    }  # fmt: skip
+
+
+async def test_bot_writes_answer_through_the_requests_session(client, bot):
+    """Each answers its policy (or channel) from inside its own transaction. On SQLite the
+    pool holds one connection: a route that opened a second session there while its own
+    held it would wait 30 s for the pool, then answer 503."""
+    link = f"/api/v1/bot/groups/{GROUP}/channels/{CHANNEL}"
+    async with asyncio.timeout(10):
+        await register_group(client, bot)
+        await register_group(client, bot, status=200)
+        await register_channel(client, bot)
+        await register_channel(client, bot, status=200)
+        for status in (201, 200):  # linked, then linked already
+            response = await client.put(link, headers=bot)
+            assert response.status_code == status, response.text
+            assert [c["chat_id"] for c in response.json()["channels"]] == [CHANNEL]
+        migrate = f"/api/v1/bot/groups/{GROUP}/migrate"
+        response = await client.post(migrate, json={"new_chat_id": GROUP2}, headers=bot)
+        assert response.status_code == 200, response.text
+        assert response.json()["chat_id"] == GROUP2
+
+
 async def test_supabase_token_is_refused_on_bot_routes(client, editor):
     body = problem(await policy(client, editor), 401)
     assert body["detail"] == "bot routes need a bot key (cgk_…)"
@@ -221,6 +268,41 @@ async def test_migrate_moves_settings_links_members_and_history(harness, client,
     assert by_user[1]["checks"] == 2 and by_user[1]["status"] == "restricted"
     assert by_user[2]["status"] == "restricted"
     assert await count(harness, Member, Member.chat_id == GROUP) == 0
+
+
+async def test_events_for_the_old_id_follow_a_migration_however_they_race_it(
+    harness, client, bot, viewer
+):
+    """Batches for the old id sent while the migration runs (each on its own connection on
+    PostgreSQL) and after it (batched before it, or from a replica that has not heard):
+    every event is stored under the new id, in the log, the member states and the
+    analytics. Nothing stays behind under the old one."""
+    for n in range(3):
+        old, new = GROUP - n, GROUP2 - n
+        await register_group(client, bot, old)
+        batches = [[event(old, user_id=u, result="blocked") for u in range(1, 30)]]
+        batches += [[event(old, user_id=u) for u in range(b, b + 30)] for b in range(1, 300, 30)]
+        await post_events(client, bot, batches[0])
+        migrate = client.post(
+            f"/api/v1/bot/groups/{old}/migrate", json={"new_chat_id": new}, headers=bot
+        )
+        calls = [ingest(client, bot, batch) for batch in batches[1:]]
+        responses = await asyncio.gather(*calls[:5], migrate, *calls[5:])
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        late = await post_events(client, bot, [event(old, user_id=1)])
+        assert late == {"accepted": 1, "duplicates": 0}
+        total = sum(map(len, batches)) + 1
+        assert await count(harness, Verification, Verification.chat_id == new) == total
+        for table, column in (
+            (Verification, Verification.chat_id),
+            (Member, Member.chat_id),
+            (rollups, rollups.c.chat_id),
+            (user_sketches, user_sketches.c.chat_id),
+        ):
+            assert await count(harness, table, column == old) == 0, table
+        summary = (await client.get(ANALYTICS, params={"group": new}, headers=viewer)).json()
+        assert summary["checks"] == total and abs(summary["unique_users"] - 300) <= 2
+        assert (summary["verified_members"], summary["restricted_members"]) == (300, 0)
 
 
 async def test_migrate_conflicts_and_unknowns(client, bot):

@@ -1,6 +1,8 @@
 """Groups: CRUD, versions, list filters, sorts and pagination, links, audit. The validation
 groups share with channels is in test_resources.py."""
 
+import asyncio
+from collections import Counter
 from datetime import datetime
 from typing import Any
 
@@ -283,6 +285,10 @@ def link_url(chat_id: int, channel_id: int) -> str:
     return f"{GROUPS}/{chat_id}/channels/{channel_id}"
 
 
+def bot_link_url(chat_id: int, channel_id: int) -> str:
+    return f"/api/v1/bot/groups/{chat_id}/channels/{channel_id}"
+
+
 async def test_link_is_idempotent_and_keeps_link_order(client, editor):
     await create(client, editor)
     c1, c2, c3 = (
@@ -359,6 +365,51 @@ async def test_eleventh_channel_is_409_and_changes_nothing(client, editor):
     group = await read(client, editor, GROUP["chat_id"])
     assert group["version"] == 11 and group["channel_count"] == 10
     assert [c["chat_id"] for c in group["channels"]] == [-1009000000000 - i for i in range(10)]
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["new-link", "relink"])
+async def test_link_racing_a_channel_delete_is_404_or_shows_the_link(client, editor, bot, linked):
+    """A link (the dashboard's and the bot's, new or again) racing a forced delete of its
+    channel: the delete comes first and the link is 404, or the link comes first and
+    answers a group that requires the channel (the delete then unlinks it). A 2xx that
+    shows no link was the bug."""
+    group = GROUP["chat_id"]
+    await create(client, editor)
+    for n in range(20):
+        channel = -1009000000100 - n
+        url, auth = (bot_link_url, bot) if n % 2 else (link_url, editor)
+        await create_channel(client, editor, channel)
+        if linked:
+            await client.put(url(group, channel), headers=auth)
+        linking, deleting = await asyncio.gather(
+            client.put(url(group, channel), headers=auth),
+            client.delete(f"/api/v1/channels/{channel}", params={"force": "true"}, headers=editor),
+        )
+        assert deleting.status_code == 204, deleting.text
+        if linking.status_code == 404:
+            assert problem(linking, 404)["detail"] == f"channel {channel} not found"
+        else:
+            assert linking.status_code == (200 if linked else 201), linking.text
+            assert channel in [c["chat_id"] for c in linking.json()["channels"]]
+    assert (await read(client, editor, group))["channels"] == []
+
+
+async def test_concurrent_links_never_exceed_ten(client, editor, bot):
+    await create(client, editor)
+    channels = [-1009000000000 - i for i in range(16)]
+    for channel in channels:
+        await create_channel(client, editor, channel)
+    calls = [
+        (bot_link_url(GROUP["chat_id"], c), bot)
+        if i % 2
+        else (link_url(GROUP["chat_id"], c), editor)
+        for i, c in enumerate(channels)
+    ]
+    responses = await asyncio.gather(*(client.put(url, headers=auth) for url, auth in calls))
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {201: 10, 409: 6}, [r.text for r in responses]
+    group = await read(client, editor, GROUP["chat_id"])
+    assert group["channel_count"] == 10 and group["version"] == 11
 
 
 async def test_unlink_not_linked_is_404(client, editor):

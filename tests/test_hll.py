@@ -42,3 +42,18 @@ def test_union_of_sketches_estimates_the_union():
         registers_of(np.fromiter(a, np.int64)), registers_of(np.fromiter(b, np.int64))
     )
     assert abs(analytics.estimate(merged) - len(a | b)) <= 0.02 * len(a | b)
+
+
+@pytest.mark.parametrize(("n", "m"), [(0, 0), (0, 50), (40, 0), (300, 5_000), (20_000, 60_000)])
+def test_union_of_stored_sketches_is_the_sketch_of_both(n, m):
+    """What a migration does to a group's sketches and those of its new id: sparse or
+    dense, overlapping users count once."""
+    rng = random.Random(n + m)
+    a = np.array([rng.randint(1, 2**40 - 1) for _ in range(n)], dtype=np.int64)
+    b = np.array([rng.randint(1, 2**40 - 1) for _ in range(m)], dtype=np.int64)
+    b = np.concatenate([b, a[: n // 2]])
+    blob_a = analytics.merge(b"", *analytics.hll_updates(a))
+    blob_b = analytics.merge(b"", *analytics.hll_updates(b))
+    both = registers_of(np.concatenate([a, b]))
+    for merged in (analytics.union(blob_a, blob_b), analytics.union(blob_b, blob_a)):
+        assert (analytics.decode(merged) == both).all()

@@ -1,6 +1,7 @@
 """Staff: listing (environment and database owners, keyset pages), PUT create/change, the
 last-owner rule, environment owners, validation and audit."""
 
+import asyncio
 import base64
 import json
 import uuid
@@ -9,7 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import delete
+from sqlmodel import select
 
+from models import Staff
 from tests.conftest import (
     ENV_OWNER,
     Harness,
@@ -222,6 +226,52 @@ async def test_with_two_owners_one_can_go(solo: Harness):
     assert [i["user_id"] for i in await staff_list(client, second_auth)] == [second]
     body = problem(await client.delete(f"/api/v1/staff/{second}", headers=second_auth), 409)
     assert body["detail"] == "this is the last owner"
+
+
+# Two database owners, A and B, act at once: (method, whom, role) each, and the statuses
+# a serial order gives. Whichever goes second has seen the first's outcome: it is not an
+# owner any more (403), or it is the last one (409).
+DEMOTE_B, DEMOTE_A = ("put", "B", "editor"), ("put", "A", "editor")
+DELETE_B, DELETE_A = ("delete", "B", None), ("delete", "A", None)
+RACES = [
+    pytest.param(DEMOTE_B, DEMOTE_A, {(200, 403)}, id="demote-each-other"),
+    pytest.param(DELETE_B, DELETE_A, {(204, 403)}, id="delete-each-other"),
+    pytest.param(DEMOTE_B, DELETE_A, {(200, 403), (204, 403)}, id="demote-vs-delete"),
+    pytest.param(DEMOTE_A, DEMOTE_B, {(200, 409)}, id="both-step-down"),
+    pytest.param(DELETE_A, DELETE_B, {(204, 409)}, id="both-leave"),
+]
+
+
+def staff_call(harness: Harness, auth: dict[str, str], user_id: str, change: tuple) -> Any:
+    method, _, role = change
+    url = f"/api/v1/staff/{user_id}"
+    if method == "put":
+        return harness.client.put(url, json={"role": role}, headers=auth)
+    return harness.client.delete(url, headers=auth)
+
+
+@pytest.mark.parametrize(("by_a", "by_b", "outcomes"), RACES)
+async def test_concurrent_staff_changes_keep_an_owner_and_never_deadlock(
+    solo: Harness, by_a: tuple, by_b: tuple, outcomes: set[tuple[int, ...]]
+):
+    """Real concurrency on PostgreSQL (each request on its own connection). The rows are
+    locked in one order, so no deadlock (it was replayed, slowly, then a 503 or a 500),
+    and never an outcome no serial order gives, such as both demoted or no owner left."""
+    for _ in range(5):
+        async with solo.sessionmaker() as session:
+            await session.execute(delete(Staff))
+            await session.commit()
+        ids = {"A": new_id(), "B": new_id()}
+        auth = {name: await solo.add_staff("owner", user_id) for name, user_id in ids.items()}
+        responses = await asyncio.gather(
+            staff_call(solo, auth["A"], ids[by_a[1]], by_a),
+            staff_call(solo, auth["B"], ids[by_b[1]], by_b),
+        )
+        statuses = tuple(sorted(r.status_code for r in responses))
+        assert statuses in outcomes, [r.text for r in responses]
+        async with solo.sessionmaker() as session:
+            owners = await session.scalars(select(Staff.user_id).where(Staff.role == "owner"))
+            assert len(list(owners)) == 1
 
 
 async def test_put_and_delete_are_audited(harness: Harness, owner):
