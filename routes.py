@@ -1108,24 +1108,29 @@ async def put_staff(
     env_owners = auth_state(request).owner_ids
     if str(user_id) in env_owners and body.role != "owner":
         raise conflict("this user is an owner through OWNER_USER_IDS; change it there")
-    staff, owners = await lock_staff(session, actor, user_id)
-    demoting = staff is not None and staff.role == "owner" and body.role != "owner"
-    if demoting and not (env_owners | owners) - {str(user_id)}:
-        raise conflict("this would leave no owner")
-    before = snapshot(staff) if staff else None
-    if staff is None:
-        staff = Staff(user_id=user_id, email=body.email, role=body.role)
-        session.add(staff)
-        response.status_code = 201
-    else:
-        if "email" in body.model_fields_set:
-            staff.email = body.email
-        staff.role = body.role
-        staff.updated_at = utcnow()
-    try:
-        await session.flush()
-    except IntegrityError:
-        raise conflict("this user was added concurrently; retry") from None
+    for attempt in (1, 2):  # the second time, a concurrent add of the same user is a change
+        staff, owners = await lock_staff(session, actor, user_id)
+        demoting = staff is not None and staff.role == "owner" and body.role != "owner"
+        if demoting and not (env_owners | owners) - {str(user_id)}:
+            raise conflict("this would leave no owner")
+        before = snapshot(staff) if staff else None
+        if staff is None:
+            staff = Staff(user_id=user_id, email=body.email, role=body.role)
+            session.add(staff)
+            response.status_code = 201
+        else:
+            if "email" in body.model_fields_set:
+                staff.email = body.email
+            staff.role = body.role
+            staff.updated_at = utcnow()
+            response.status_code = 200
+        try:
+            await session.flush()
+            break
+        except IntegrityError:
+            await session.rollback()
+            if attempt == 2:
+                raise conflict("this user was added concurrently; retry") from None
     await actor.audit(session, "staff.put", "staff", user_id, before, snapshot(staff))
     await session.commit()
     return StaffPublic.from_row(staff, env_owners)

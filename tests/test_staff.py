@@ -274,6 +274,30 @@ async def test_concurrent_staff_changes_keep_an_owner_and_never_deadlock(
             assert len(list(owners)) == 1
 
 
+async def test_two_owners_adding_one_new_member_at_once_get_201_then_200(solo: Harness):
+    """Both adds apply, in some serial order: one creates the member, the other changes it
+    (it was a 409 "added concurrently")."""
+    for _ in range(5):
+        async with solo.sessionmaker() as session:
+            await session.execute(delete(Staff))
+            await session.commit()
+        a, b = await solo.add_staff("owner"), await solo.add_staff("owner")
+        newcomer = new_id()
+        responses = await asyncio.gather(
+            solo.client.put(f"/api/v1/staff/{newcomer}", json={"role": "viewer"}, headers=a),
+            solo.client.put(f"/api/v1/staff/{newcomer}", json={"role": "editor"}, headers=b),
+        )
+        assert sorted(r.status_code for r in responses) == [200, 201], [r.text for r in responses]
+        last = next(r for r in responses if r.status_code == 200).json()["role"]
+        async with solo.sessionmaker() as session:
+            roles = list(
+                await session.scalars(
+                    select(Staff.role).where(Staff.user_id == uuid.UUID(newcomer))
+                )
+            )
+        assert roles == [last]
+
+
 async def test_put_and_delete_are_audited(harness: Harness, owner):
     client, user_id = harness.client, new_id()
     await put(client, owner, user_id, role="viewer", email="ann@example.com")
