@@ -210,6 +210,10 @@ async def test_installed_console_script(work: Workdir):
     result = await anyio.run_process([str(script), "migrate"], cwd=work.path, env=env, check=False)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode() == "database is at the latest schema\n"
+    # What `serve` imports, from outside the tree: every module must be installed.
+    imports = [sys.executable, "-c", "import app; app.create_app()"]
+    result = await anyio.run_process(imports, cwd=work.path, env=env, check=False)
+    assert result.returncode == 0, result.stderr.decode()
 
 
 # ---------------------------------------------------------------- failing like a tool
@@ -353,3 +357,14 @@ async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
     await engine.dispose()
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert revisions == [(head,)]
+
+
+def test_the_package_carries_every_module():
+    """Every top-level module is in pyproject's py-modules: the installed console script
+    imports only those (a module left out works in the tests, which run from the tree, and
+    fails for a user)."""
+    import tomllib
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    modules = {path.stem for path in ROOT.glob("*.py")}
+    assert set(listed["py-modules"]) == modules
