@@ -321,8 +321,9 @@ class Replay:
 
 class Gate:
     """One pure-ASGI layer for every request: request id, body limits, JSON-only bodies,
-    security headers, access log, metrics, and a problem+json 500 that never leaks a stack
-    trace."""
+    the per-address limit outside /api/, security headers, access log, metrics; and the one
+    place database failures are answered (db.failure): conflicts replayed, a lost database
+    a 503, anything else a problem+json 500 that never leaks a stack trace."""
 
     def __init__(
         self, app: ASGIApp, limiter: Limiter | None = None, metrics: Metrics | None = None
