@@ -52,15 +52,18 @@ async def test_stalled_exports_and_feeds_leave_ingestion_fast(harness: Harness, 
     assert isinstance(pool, QueuePool)
     async with served(harness, send_buffer=8192) as http, AsyncExitStack() as stack:
         port = int(str(http.base_url).rsplit(":", 1)[1])
+        held = harness.services.limiter.exports.held
         for n in range(25):
+            # One after the other (25 first pages at once would only measure this 2-core
+            # VM): each export reads its first page, writes what its socket takes and waits,
+            # and then holds no connection.
             await stack.enter_async_context(stalled(port, EXPORT, exporters[n // 2]))
             await stack.enter_async_context(stalled(port, "/api/v1/events", watchers[n // 5]))
-        await eventually(lambda: sum(harness.services.limiter.exports.held.values()) == 25)
-        await eventually(lambda: len(harness.services.feed.subscribers) == 25)
-        # Every export reads its first page, writes what its socket takes and waits: then
-        # nothing holds a connection while waiting on a client.
-        await eventually(lambda: pool.checkedout() == 0, timeout=15)
+            await eventually(lambda n=n: sum(held.values()) == n + 1, timeout=15)
+            await eventually(lambda: pool.checkedout() == 0, timeout=15)
+        await eventually(lambda: len(harness.services.feed.subscribers) == 25, timeout=15)
         await asyncio.sleep(0.2)
+        assert sum(held.values()) == 25  # all still open, all waiting on their clients
         assert pool.checkedout() == 0
         started = time.monotonic()
         stored = await post_events(harness.client, bot, [event(user_id=n) for n in range(1, 101)])
