@@ -428,26 +428,28 @@ CurrentStaff = Annotated[Principal, Depends(current_staff)]
 FeedStaff = Annotated[Principal, Depends(feed_staff)]
 
 
+def refusal(principal: Principal, minimum: Role, settings: Settings) -> str | None:
+    """Why this staff member may not act as `minimum` (None if they may): the role's rank,
+    and for owners aal2 when REQUIRE_AAL2_FOR_OWNERS."""
+    if ROLE_RANK[principal.role or "viewer"] < ROLE_RANK[minimum]:
+        return f"this needs the {minimum} role"
+    if minimum == "owner" and settings.require_aal2_for_owners and principal.aal != "aal2":
+        return "owner actions need multi-factor sign-in (aal2)"
+    return None
+
+
 def _require(minimum: Role):
     async def check(principal: CurrentStaff, connection: HTTPConnection) -> Principal:
-        if ROLE_RANK[principal.role or "viewer"] < ROLE_RANK[minimum]:
-            raise HTTPException(403, f"this needs the {minimum} role")
-        aal2_required = (
-            minimum == "owner" and auth_state(connection).settings.require_aal2_for_owners
-        )
-        if aal2_required and principal.aal != "aal2":
-            raise HTTPException(403, "owner actions need multi-factor sign-in (aal2)")
+        if (why := refusal(principal, minimum, auth_state(connection).settings)) is not None:
+            raise HTTPException(403, why)
         return principal
 
     return check
 
 
 def may_read_audit(principal: Principal, settings: Settings) -> bool:
-    """GET /audit's rule, for the live feed's audit entries too: owners (with aal2 when
-    REQUIRE_AAL2_FOR_OWNERS)."""
-    if principal.role != "owner":
-        return False
-    return not settings.require_aal2_for_owners or principal.aal == "aal2"
+    """GET /audit's rule (owners), for the live feed's audit entries too."""
+    return refusal(principal, "owner", settings) is None
 
 
 async def still_staff_as(state: AuthState, principal: Principal) -> bool:

@@ -649,9 +649,7 @@ class Listener:
                         await asyncio.wait_for(closed.wait(), timeout=self.PING_EVERY)
                     if not closed.is_set():
                         await connection.fetchval("SELECT 1", timeout=self.timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # anything but cancellation (not an Exception): relink
                 log.warning("LISTEN link lost: %r; retrying in %.1fs", exc, wait)
             finally:
                 if self.linked.is_set():

@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from auth import AuthState, auth_state, authenticate_bot
+from auth import AuthState, auth_state, authenticate_bot, client_address
 from db import POLICY, Database, announce
 from models import (
     SETTING_FIELDS,
@@ -172,9 +172,9 @@ class Endpoint:
             elif name == b"if-none-match":
                 if_none_match = value
         request_id = scope["state"].get("request_id")
-        client = scope.get("client")
-        address = client[0] if client else "unknown"
-        await authenticate_bot(self.auth, authorization.decode("latin-1"), request_id, address)
+        await authenticate_bot(
+            self.auth, authorization.decode("latin-1"), request_id, client_address(scope)
+        )
         chat_id = chat_id_of(scope["path_params"]["chat_id"])
         entry = await self.cache.get(chat_id)
         if entry is None:
