@@ -38,13 +38,12 @@ class Window:
     """One identity's count in one window of one limit."""
 
     index: int  # the window's number since the epoch (time // its length)
-    local: int = 0  # admitted here and already sent to the shared store
-    pending: int = 0  # admitted here, not sent yet
-    shared: int = 0  # the shared store's total at the last flush (every process's)
+    pending: int = 0  # admitted here, not sent to the shared store yet
+    shared: int = 0  # the shared store's total at the last flush (every process's, ours too)
 
     @property
     def count(self) -> int:
-        return max(self.shared, self.local) + self.pending
+        return self.shared + self.pending
 
 
 class TooManyRequests(HTTPException):
@@ -176,12 +175,10 @@ class Limiter:
             if window.index != int(now // seconds):
                 continue  # ended: nothing more to tell or learn
             amount, window.pending = window.pending, 0
-            window.local += amount
             key = f"channelgate/{kind}/{identity}/{seconds}/{window.index}"
             try:
                 window.shared = await self.storage.incr(key, seconds, amount=amount)
             except BaseException:
-                window.local -= amount
                 window.pending += amount  # sent next time
                 raise
 
