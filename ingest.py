@@ -59,7 +59,13 @@ def member_deltas(events: Sequence[VerificationIn]) -> dict[tuple[int, int], Mem
         delta = deltas.setdefault((event.chat_id, event.user_id), MemberDelta())
         delta.checks += 1
         at = event.occurred_at
-        if event.result == "passed" and (delta.verified_at is None or at > delta.verified_at):
+        # A cached pass re-used an earlier verification: it counts as a check, but only a
+        # check against Telegram makes the state fresher (else fresh_until never ends).
+        if (
+            event.result == "passed"
+            and not event.cached
+            and (delta.verified_at is None or at > delta.verified_at)
+        ):
             delta.verified_at = at
         elif event.result == "blocked" and (
             delta.restricted_at is None or at > delta.restricted_at

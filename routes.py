@@ -1427,6 +1427,12 @@ async def read_member_state(
     )
 
 
+@bot.get("/groups/{chat_id}/stats", response_model=GroupStats, responses=answers(404))
+async def read_group_stats(group: GroupDep, session: SessionDep) -> GroupStats:
+    """The group's member counts and last day's checks, for the in-chat `/status` command."""
+    return await group_stats(session, group.chat_id)
+
+
 @bot.post("/heartbeat", status_code=204)
 async def heartbeat(body: Heartbeat, session: SessionDep, bot_key: BotCaller) -> None:
     """A bot instance is alive (expected every 30 s)."""
