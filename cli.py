@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import logging
 import re
 import sys
 import time
@@ -419,11 +420,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.set_defaults(run=purge)
 
+    p = command(
+        "bot",
+        "run the reference Telegram bot (polling) against a channelgate service; needs "
+        "BOT_TOKEN, CHANNELGATE_URL, CHANNELGATE_KEY, optionally TELEGRAM_API_URL, "
+        "BOT_STATE_PATH (spool and mutes, default channelgate-bot.sqlite3), BOT_REFRESH_SECONDS",
+    )
+    p.set_defaults(run=run_bot)
+
     args = parser.parse_args(argv)
     try:
         args.run(args)
     except Exception as error:
         sys.exit(f"channelgate: {explain(error)}")
+
+
+def run_bot(_: argparse.Namespace) -> None:
+    try:
+        import bot
+    except ImportError as error:
+        raise SystemExit(
+            f"channelgate: the bot needs python-telegram-bot ({error.name} is missing): "
+            "install channelgate[bot], or `uv sync --extra bot`"
+        ) from None
+    try:
+        settings = bot.BotSettings.from_env()
+    except ValueError as error:
+        raise SystemExit(f"channelgate: {error}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per getUpdates otherwise
+    bot.run(settings)
 
 
 def version() -> str:

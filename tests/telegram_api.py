@@ -4,8 +4,11 @@ every call the bot makes. Also builders of the JSON updates Telegram would send.
 
 import itertools
 import json
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from telegram.request import BaseRequest, RequestData
@@ -285,3 +288,64 @@ def button(chat_id: int, presser: int, data: str, warning_id: int) -> dict[str, 
             },
         }
     )
+
+
+# ---------------------------------------------------------------- over HTTP, for a real process
+
+
+class BotAPIServer:
+    """The fake Bot API behind a real HTTP server, at `<root>/bot<token>/<method>` as the Bot
+    API documents, for a `channelgate bot` process; `getUpdates` hands out `pending`."""
+
+    def __init__(self, fake: FakeTelegram) -> None:
+        self.fake = fake
+        self.pending: list[dict[str, Any]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                params = {k: _decoded(v[0]) for k, v in form.items()}
+                method = self.path.rsplit("/", 1)[-1]
+                if method == "getUpdates":
+                    body = server.updates(int(params.get("offset", 0)), params.get("timeout"))
+                    status, payload = 200, json.dumps({"ok": True, "result": body}).encode()
+                else:
+                    status, payload = server.call(self.path, method, params)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def updates(self, offset: int, timeout: Any) -> list[dict[str, Any]]:
+        ready = [u for u in self.pending if u["update_id"] >= offset]
+        if not ready:
+            time.sleep(min(float(timeout or 0), 0.2))
+        return ready
+
+    def call(self, path: str, method: str, params: dict[str, Any]) -> tuple[int, bytes]:
+        self.fake.urls.append(path)
+        self.fake.calls.append((method, params, time.monotonic()))
+        handler = getattr(self.fake, method, None)
+        if handler is None:  # deleteWebhook, setMyCommands...: accepted
+            return 200, b'{"ok": true, "result": true}'
+        return 200, json.dumps({"ok": True, "result": handler(**params)}).encode()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def _decoded(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value  # strings are sent as they are

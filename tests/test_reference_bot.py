@@ -3,12 +3,16 @@ objects, with a fake Bot API (tests/telegram_api.py) that answers as each test d
 real channelgate app (SQLite and PostgreSQL) behind client.py."""
 
 import asyncio
+import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from sqlalchemy import select
 from sqlmodel import col
@@ -17,12 +21,13 @@ from telegram import Update
 import bot as reference
 from models import Verification
 from tests.conftest import Harness
-from tests.factories import CHANNEL_ID, GROUP_ID, create_channel, create_group, link
+from tests.factories import CHANNEL_ID, GROUP_ID, create_channel, create_group, link, served
 from tests.network import Network
 from tests.telegram_api import (
     BOT_ID,
     GROUP_DEFAULTS,
     TOKEN,
+    BotAPIServer,
     FakeTelegram,
     button,
     chat,
@@ -425,3 +430,39 @@ async def test_a_flood_wait_is_waited_out_not_dropped(harness, owner, gatebot: B
     attempts = gatebot.telegram.at("restrictChatMember")
     assert len(attempts) == 2 and attempts[1] - attempts[0] >= 1.0
     assert gatebot.telegram.members[(GROUP_ID, USER)]["status"] == "restricted"
+
+
+# ---------------------------------------------------------------- `channelgate bot`, a process
+
+
+async def test_channelgate_bot_polls_enforces_and_flushes_on_sigterm(
+    harness, owner, key: str, tmp_path: Path, telegram: FakeTelegram
+):
+    """The README's way: `channelgate bot` with the three variables and a Bot API root,
+    long-polling a (fake) Bot API over HTTP and calling a real channelgate server."""
+    await protect(harness, owner, action="delete")
+    api = BotAPIServer(telegram)
+    api.pending.append(update(message=message(GROUP_ID, USER, text="spam")))
+    async with served(harness) as channelgate:
+        env = {
+            **os.environ,
+            "BOT_TOKEN": TOKEN,
+            "CHANNELGATE_URL": str(channelgate.base_url),
+            "CHANNELGATE_KEY": key,
+            "TELEGRAM_API_URL": api.root,
+            "BOT_STATE_PATH": str(tmp_path / "bot.sqlite3"),
+        }
+        process = await anyio.open_process([sys.executable, "-m", "cli", "bot"], env=env)
+        try:
+            await eventually(lambda: telegram.of("deleteMessage"), 30)
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(20):
+                assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            api.close()
+    assert f"/bot{TOKEN}/deleteMessage" in telegram.urls
+    (recorded,) = await events(harness)  # delivered by close() on the way out
+    assert recorded.result == "blocked" and recorded.user_id == USER
