@@ -61,7 +61,6 @@ log = logging.getLogger("channelgate.client")
 VERSION = "channelgate-client/1"
 BATCH_LIMIT = 1000  # the server's limit per POST /bot/verifications
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-DEFAULT_RECHECK = 600  # the server's fresh_until for a group it does not know
 
 Result = Literal["passed", "blocked", "error"]
 Trigger = Literal["message", "join", "button", "channel_leave", "recheck"]
@@ -592,9 +591,11 @@ class Client:
             self._remember((chat_id, user_id), None)
             return
         entry = self._policies.get(chat_id)
-        recheck = entry.policy.recheck_seconds if entry and entry.policy else DEFAULT_RECHECK
-        state = MemberState("verified", at, None, at + timedelta(seconds=recheck))
-        self._remember((chat_id, user_id), state)
+        if entry is None or entry.policy is None:  # recheck_seconds unknown: ask channelgate
+            self._remember((chat_id, user_id), None)
+            return
+        fresh_until = at + timedelta(seconds=entry.policy.recheck_seconds)
+        self._remember((chat_id, user_id), MemberState("verified", at, None, fresh_until))
 
     async def _spool_queued(self) -> None:
         assert self._spool is not None

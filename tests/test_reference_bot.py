@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -466,3 +467,26 @@ async def test_channelgate_bot_polls_enforces_and_flushes_on_sigterm(
     assert f"/bot{TOKEN}/deleteMessage" in telegram.urls
     (recorded,) = await events(harness)  # delivered by close() on the way out
     assert recorded.result == "blocked" and recorded.user_id == USER
+
+
+async def test_recheck_seconds_through_the_member_state(harness, owner, gatebot: Bot):
+    """A pass older than `recheck_seconds` is not fresh: Telegram is asked again."""
+    await protect(harness, owner, recheck_seconds=60)
+    gatebot.telegram.join(CHANNEL_ID, USER)
+    long_ago = datetime.now(UTC) - timedelta(seconds=61)
+    gatebot.enforcer.client.record(GROUP_ID, USER, "passed", "message", occurred_at=long_ago)
+    await gatebot.delivered()
+    await gatebot.say()
+    assert len(gatebot.telegram.of("getChatMember")) == 1  # stale: checked again
+    await gatebot.say()
+    assert len(gatebot.telegram.of("getChatMember")) == 1  # that check is fresh for 60 s
+
+
+async def test_counts_are_refreshed_through_registration(harness, owner, gatebot: Bot):
+    await protect(harness, owner)
+    await gatebot.say(ADMIN)  # the group is seen
+    await gatebot.enforcer.refresh_counts(gatebot.app.bot)
+    group = (await harness.client.get(f"/api/v1/groups/{GROUP_ID}", headers=owner)).json()
+    channel = (await harness.client.get(f"/api/v1/channels/{CHANNEL_ID}", headers=owner)).json()
+    assert group["member_count"] == 321 and channel["subscriber_count"] == 321
+    assert channel["username"] == "news"  # what Telegram says about the channel now
