@@ -126,6 +126,8 @@ def member_counts(events: list[dict], group: int | None) -> tuple[int, int]:
             continue
         state = latest.setdefault((e["chat_id"], e["user_id"]), [None, None])
         slot = {"passed": 0, "blocked": 1}.get(e["result"])
+        if slot == 0 and e["cached"]:
+            slot = None  # a cached pass re-used a verification: it makes no state fresher
         if slot is not None:
             current = state[slot]
             state[slot] = at_of(e) if current is None else max(current, at_of(e))

@@ -455,7 +455,7 @@ async def test_channelgate_bot_polls_enforces_and_flushes_on_sigterm(
         }
         process = await anyio.open_process([sys.executable, "-m", "cli", "bot"], env=env)
         try:
-            await eventually(lambda: telegram.of("deleteMessage"), 30)
+            await eventually(lambda: bool(telegram.of("deleteMessage")), 30)
             process.send_signal(signal.SIGTERM)
             with anyio.fail_after(20):
                 assert await process.wait() == 0
