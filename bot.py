@@ -7,9 +7,11 @@ states (a fresh pass skips Telegram), and every check it makes is recorded there
 
 How it enforces a group's settings (API.md, "Group settings"):
 - Every message a user sends (text, media, stickers, forwards, edits) is checked, unless the
-  sender is exempt (`exempt_user_ids`), a chat admin, a bot, or writes as a chat (an anonymous
-  admin, a channel). Joins are checked when `check_on_join`. A user who leaves a channel is
-  re-checked in every group that requires it.
+  sender is exempt (`exempt_user_ids`), a chat admin or a bot. A message sent as a chat is
+  the group's own when it is an anonymous admin's or the linked channel's automatic forward;
+  sent as any other channel, it is deleted (no member can be checked behind it). Joins are
+  checked when `check_on_join`. A user who leaves a channel is re-checked in every group
+  that requires it.
 - A check asks Telegram whether the user is in each linked channel; `mode` all/any decides.
   When Telegram cannot answer, `on_error` decides: `allow` lets the message through, `block`
   treats the user as not subscribed.
@@ -55,6 +57,7 @@ from telegram import (
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     Message,
+    ReplyParameters,
     Update,
     User,
 )
@@ -254,6 +257,7 @@ class Enforcer:
         self.admins: dict[int, tuple[float, frozenset[int]]] = {}
         self.warnings: dict[tuple[int, int], int] = {}  # (chat, user) -> live warning's id
         self.seen_groups: dict[int, None] = {}  # groups whose counts are refreshed
+        self.locks: dict[tuple[int, int], asyncio.Lock] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------ helpers
@@ -463,14 +467,34 @@ class Enforcer:
         if message is None or chat is None or chat.type not in GROUPS:
             return
         user = message.from_user
-        if user is None or message.sender_chat is not None:
-            return  # written as a chat: an anonymous admin, the linked channel, a channel
+        if user is None:
+            return
+        if message.sender_chat is not None:
+            await self.on_chat_message(chat, message)
+            return
         policy = await self.policy(chat)
         if policy is None or not enforced(policy) or await self.exempt(context.bot, policy, user):
             return
-        check = await self.verify(context.bot, policy, user.id, "message")
-        if check.blocks(policy):
-            await self.act(context.bot, policy, user, check, message)
+        # One check at a time per member: two messages at once make one mute, one warning.
+        async with self.locks.setdefault((chat.id, user.id), asyncio.Lock()):
+            check = await self.verify(context.bot, policy, user.id, "message")
+            if check.blocks(policy):
+                await self.act(context.bot, policy, user, check, message)
+        if len(self.locks) > 10_000:
+            self.locks = {k: v for k, v in self.locks.items() if v.locked()}
+
+    async def on_chat_message(self, chat: Chat, message: Message) -> None:
+        """A message written as a chat. The group itself (an anonymous admin) and the linked
+        channel's automatic forwards are the group's own; anything else was sent as some
+        channel, where no member can be checked: in a protected group it is deleted (else
+        "send as channel" would walk around every check)."""
+        assert message.sender_chat is not None
+        if message.sender_chat.id == chat.id or message.is_automatic_forward:
+            return
+        policy = await self.policy(chat)
+        if enforced(policy):
+            with contextlib.suppress(TelegramError):
+                await message.delete()
 
     async def on_member(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         change = update.chat_member
@@ -588,7 +612,11 @@ class Enforcer:
 
     async def reply(self, message: Message, text: str) -> None:
         """Answer a command; both the command and the answer go after REPLY_TTL."""
-        sent = await message.reply_text(text, parse_mode="HTML")
+        # A reply that still goes out when the command was deleted (a member's, just checked).
+        reply_to = ReplyParameters(message.message_id, allow_sending_without_reply=True)
+        sent = await message.get_bot().send_message(
+            message.chat.id, text, parse_mode="HTML", reply_parameters=reply_to
+        )
         self.later(REPLY_TTL, sent.delete)
         self.later(REPLY_TTL, message.delete)
 
@@ -604,7 +632,9 @@ class Enforcer:
             return True  # an anonymous admin
         member = await context.bot.get_chat_member(chat.id, user.id)
         if member.status not in ADMINS:
-            await self.reply(message, "Only the group's admins can do that.")
+            await self.on_message(update, context)  # a member's message like any other
+            if update.effective_message is not None:
+                await self.reply(message, "Only the group's admins can do that.")
             return False
         return True
 
@@ -788,6 +818,7 @@ def build(
         .base_url(f"{settings.telegram_api_url}/bot")
         .base_file_url(f"{settings.telegram_api_url}/file/bot")
         .rate_limiter(FloodLimits(max_retries=settings.flood_retries))
+        .concurrent_updates(64)  # a slow getChatMember in one group does not hold up others
         .post_init(started)
         .post_shutdown(stopped)
     )

@@ -490,3 +490,26 @@ async def test_counts_are_refreshed_through_registration(harness, owner, gatebot
     channel = (await harness.client.get(f"/api/v1/channels/{CHANNEL_ID}", headers=owner)).json()
     assert group["member_count"] == 321 and channel["subscriber_count"] == 321
     assert channel["username"] == "news"  # what Telegram says about the channel now
+
+
+async def test_sending_as_a_channel_does_not_walk_around_the_check(harness, owner, gatebot):
+    await protect(harness, owner, action="mute")
+    own = {"sender_chat": chat(GROUP_ID)}  # an anonymous admin
+    forward = {"sender_chat": chat(CHANNEL_ID, "channel"), "is_automatic_forward": True}
+    other = {"sender_chat": chat(-1006666666666, "channel", "Spam")}
+    for content in (own, forward, other):
+        await gatebot.send(update(message={**message(GROUP_ID, 136817688), **content}))
+    (deleted,) = gatebot.telegram.of("deleteMessage")
+    assert gatebot.telegram.of("restrictChatMember") == []
+    await gatebot.delivered()
+    assert await events(harness) == []
+    assert deleted["chat_id"] == GROUP_ID
+
+
+async def test_a_members_command_is_a_message_like_any_other(harness, owner, gatebot: Bot):
+    await protect(harness, owner, action="delete")
+    await gatebot.say(USER, text="/status", entities=[command(7)])
+    assert len(gatebot.telegram.of("deleteMessage")) == 1  # checked and deleted
+    refusal = gatebot.telegram.of("sendMessage")[-1]
+    assert "only" in refusal["text"].lower()
+    assert refusal["reply_parameters"]["allow_sending_without_reply"] is True  # it was deleted
