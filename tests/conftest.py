@@ -25,6 +25,7 @@ from app import Services, create_app
 from db import alembic_config
 from models import Staff, metadata
 from settings import Settings
+from tests.network import Network
 
 HS_SECRET = "test-hs256-secret-that-is-long-enough-for-hmac"
 SUPABASE_URL = "https://project.supabase.test"
@@ -270,6 +271,18 @@ async def replica(
         return
     async for other in start_harness(database_url, jwks_server.url, tokens):
         yield other
+
+
+@pytest.fixture
+def network(harness: Harness) -> Network:
+    """The harness app behind a network the test can break (client.py's and the bot's)."""
+    return Network(harness.app)
+
+
+@pytest.fixture
+async def key(harness: Harness) -> str:
+    """A bot key, bare, as a bot is configured with it."""
+    return (await harness.bot_key())["Authorization"].removeprefix("Bearer ")
 
 
 @pytest.fixture

@@ -13,29 +13,11 @@ from typing import Any
 
 from telegram.request import BaseRequest, RequestData
 
+from bot import PERMISSIONS
+
 BOT_ID = 5000000001
 TOKEN = f"{BOT_ID}:test-token"
-ALL = {
-    p: True
-    for p in (
-        "can_send_messages",
-        "can_send_audios",
-        "can_send_documents",
-        "can_send_photos",
-        "can_send_videos",
-        "can_send_video_notes",
-        "can_send_voice_notes",
-        "can_send_polls",
-        "can_send_other_messages",
-        "can_add_web_page_previews",
-        "can_change_info",
-        "can_invite_users",
-        "can_pin_messages",
-        "can_manage_topics",
-        "can_edit_tag",
-        "can_react_to_messages",
-    )
-}
+ALL = dict.fromkeys(PERMISSIONS, True)
 GROUP_DEFAULTS = {**ALL, "can_change_info": False, "can_pin_messages": False, "can_edit_tag": False}
 
 

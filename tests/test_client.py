@@ -35,16 +35,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def network(harness: Harness) -> Network:
-    return Network(harness.app)
-
-
-@pytest.fixture
-async def key(harness: Harness) -> str:
-    return (await harness.bot_key())["Authorization"].removeprefix("Bearer ")
-
-
 def make_client(network: Network, key: str, spool: Path, **options: Any) -> gate.Client:
     options.setdefault("heartbeat_interval", 3600)
     return gate.Client("http://test", key, spool_path=str(spool), transport=network, **options)

@@ -94,16 +94,6 @@ def telegram() -> FakeTelegram:
 
 
 @pytest.fixture
-def network(harness: Harness) -> Network:
-    return Network(harness.app)
-
-
-@pytest.fixture
-async def key(harness: Harness) -> str:
-    return (await harness.bot_key())["Authorization"].removeprefix("Bearer ")
-
-
-@pytest.fixture
 async def gatebot(
     harness: Harness, key: str, tmp_path: Path, telegram: FakeTelegram, network: Network
 ) -> AsyncIterator[Bot]:
