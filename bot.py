@@ -315,12 +315,16 @@ class Enforcer:
                 return isinstance(member, ChatMemberRestricted) and member.is_member
             return member.status in JOINED
 
-        try:
-            answers = await asyncio.gather(*(joined(c) for c in policy.channels))
-        except TelegramError as error:
-            elapsed = int((time.perf_counter() - started) * 1000)
-            return Check("error", [], elapsed, f"{type(error).__name__}: {error.message}"[:200])
+        answers = await asyncio.gather(
+            *(joined(c) for c in policy.channels), return_exceptions=True
+        )
         elapsed = int((time.perf_counter() - started) * 1000)
+        for answer in answers:
+            if isinstance(answer, TelegramError):
+                error = f"{type(answer).__name__}: {answer.message}"
+                return Check("error", [], elapsed, error[:200])
+            if isinstance(answer, BaseException):
+                raise answer
         missing = [c.chat_id for c, ok in zip(policy.channels, answers, strict=True) if not ok]
         passed = not missing if policy.mode == "all" else len(missing) < len(policy.channels)
         return Check("passed", [], elapsed) if passed else Check("blocked", missing, elapsed)
