@@ -357,7 +357,10 @@ class Enforcer:
         check = await self.check(bot, policy, user_id)
         self.record(policy, user_id, check, trigger)
         if check.result == "passed":
-            await self.lift(bot, policy.chat_id, user_id)
+            try:
+                await self.lift(bot, policy.chat_id, user_id)
+            except TelegramError as error:  # kept in the ledger: lifted at the next pass
+                log.warning("unmuting %s in %s failed: %s", user_id, policy.chat_id, error)
         return check
 
     # ------------------------------------------------------------ actions
