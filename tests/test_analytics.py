@@ -15,10 +15,13 @@ from typing import Any
 
 import anyio
 import httpx
+import numpy as np
 import pytest
+from sqlalchemy import insert
 
+import analytics
 import cli
-from models import LATENCY_EDGES_MS
+from models import LATENCY_EDGES_MS, user_sketches
 from settings import get_settings
 from tests.conftest import Harness, problem
 from tests.factories import (
@@ -774,3 +777,44 @@ async def test_offsets_are_read_as_instants_and_buckets_are_utc(harness: Harness
     body = response.json()
     assert body["since"] == z(floor_day(t))
     assert [(p["t"], p["checks"]) for p in body["points"]] == [(z(floor_day(t)), 1)]
+
+
+async def test_small_group_counted_exactly_and_not_flagged(harness: Harness, bot, viewer):
+    """The issue's case: 184 users, shown as 179 by the old HyperLogLog."""
+    users = random.Random(184).sample(range(1, 2**40 - 1), 184)
+    t = floor_hour(datetime.now(UTC)) - 3 * HOUR
+    events = [event(GROUPS[0], u, at=t + timedelta(seconds=i)) for i, u in enumerate(users)]
+    await post_events(harness.client, bot, events + events[:50])  # repeats count once
+    for group in (GROUPS[0], None):
+        body = await ok(harness.client, viewer, "summary", since=t, until=t + DAY, group=group)
+        assert (body["unique_users"], body["unique_users_estimated"]) == (184, False)
+
+
+async def test_window_reaching_legacy_registers_adds_their_estimate_and_is_flagged(
+    harness: Harness, bot, viewer
+):
+    """Buckets older than the raw log at the DataSketches migration keep their old
+    registers (`legacy`): a window reaching them adds their estimate, flagged."""
+    old_day = floor_day(datetime.now(UTC)) - 30 * DAY
+    registers = np.zeros(analytics.LEGACY_M, dtype=np.uint8)
+    registers[:100] = 1  # about 100 users, by linear counting
+    legacy = analytics.LEGACY_DENSE + registers.tobytes()
+    async with harness.sessionmaker() as session:
+        await session.execute(
+            insert(user_sketches),
+            [
+                {"grain": "d", "chat_id": c, "bucket": old_day, "sketch": b"", "legacy": legacy}
+                for c in (0, GROUPS[0])
+            ],
+        )
+        await session.commit()
+    t = old_day + 2 * DAY
+    await post_events(harness.client, bot, [event(GROUPS[0], u, at=t) for u in (1, 2, 3)])
+    expected = 3 + analytics.legacy_estimate(registers)
+    for group in (GROUPS[0], None):
+        whole = await ok(
+            harness.client, viewer, "summary", since=old_day, until=t + DAY, group=group
+        )
+        assert (whole["unique_users"], whole["unique_users_estimated"]) == (expected, True)
+        recent = await ok(harness.client, viewer, "summary", since=t, until=t + DAY, group=group)
+        assert (recent["unique_users"], recent["unique_users_estimated"]) == (3, False)
