@@ -969,7 +969,9 @@ group_migrations = Table(
     Column("migrated_at", UTCDateTime, nullable=False),
 )
 
-# HyperLogLog sketches of the users seen, per group and for all groups (chat_id 0).
+# Sketches of the users seen, per group and for all groups (chat_id 0): `sketch` is an
+# Apache DataSketches HLL, serialized compact (analytics.LG_K); `legacy`, the registers of
+# the HyperLogLog kept before it where the raw log could not rebuild them (else null).
 user_sketches = Table(
     "user_sketches",
     metadata,
@@ -977,7 +979,8 @@ user_sketches = Table(
     Column("grain", String(1), nullable=False),
     Column("chat_id", BigInteger, nullable=False),
     Column("bucket", UTCDateTime, nullable=False),
-    Column("registers", LargeBinary, nullable=False),
+    Column("sketch", LargeBinary, nullable=False),
+    Column("legacy", LargeBinary, nullable=True),
     UniqueConstraint("grain", "chat_id", "bucket"),
 )
 

@@ -881,6 +881,7 @@ async def analytics_summary(
     sums = await analytics.counters(session, window, group)
     verified, restricted = await analytics.member_totals(session, group)
     histogram = [sums[name] for name in LATENCY_COLUMNS]
+    users, estimated = await analytics.unique_users(session, window, group)
     return AnalyticsSummary(
         since=window.since,
         until=window.until,
@@ -889,8 +890,8 @@ async def analytics_summary(
         blocked=sums["blocked"],
         errors=sums["errors"],
         pass_rate=analytics.rate(sums["passed"], sums["checks"]),
-        unique_users=await analytics.unique_users(session, window, group),
-        unique_users_estimated=True,
+        unique_users=users,
+        unique_users_estimated=estimated,
         cache_hit_rate=analytics.rate(sums["cached"], sums["checks"]),
         latency_ms=Latency(
             p50=analytics.percentile(histogram, 0.5), p95=analytics.percentile(histogram, 0.95)
