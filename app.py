@@ -491,8 +491,8 @@ class JSONLogFormatter(logging.Formatter):
 
 
 def log_config(level: str) -> dict[str, Any]:
-    """logging.config's dictionary for the server: uvicorn's own loggers write the same JSON
-    lines as channelgate's (uvicorn applies it in every worker)."""
+    """logging.config's dictionary for the server: uvicorn's or Granian's own loggers write
+    the same JSON lines as channelgate's (either server applies it in every worker)."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -500,7 +500,14 @@ def log_config(level: str) -> dict[str, Any]:
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json"}},
         "loggers": {
             name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
-            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "channelgate")
+            for name in (
+                "uvicorn",
+                "uvicorn.error",
+                "uvicorn.access",
+                "_granian",
+                "granian.access",
+                "channelgate",
+            )
         },
     }
 

@@ -3,11 +3,13 @@
 import argparse
 import asyncio
 import logging
+import os
 import re
 import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jwt
 from pydantic import ValidationError
@@ -24,14 +26,18 @@ def load_settings() -> Settings:
         sys.exit(f"channelgate: configuration error: {where}: {first['msg']}")
 
 
+SERVERS = ("uvicorn", "granian")
+
+
 def serve(args: argparse.Namespace) -> None:
-    import os
-
-    import uvicorn
-
-    from app import log_config
-
+    if args.server not in SERVERS:
+        sys.exit(f"channelgate: CHANNELGATE_SERVER must be one of {', '.join(SERVERS)}")
     settings = load_settings()
+    if args.server == "granian" and not granian_installed():
+        sys.exit(
+            "channelgate: --server granian needs the granian extra: "
+            "pip install 'channelgate[granian]' (or uv sync --extra granian)"
+        )
     if settings.is_sqlite and args.workers > 1:
         sys.exit(
             "channelgate: SQLite serves one worker (one writer, one cache); "
@@ -43,6 +49,15 @@ def serve(args: argparse.Namespace) -> None:
         os.environ["AUTO_MIGRATE"] = "false"  # the workers read their settings afresh
     if settings.metrics_enabled:
         share_metrics_between_workers()
+    # Only now: prometheus-client picks its multiprocess mode when imported, and Granian's
+    # workers are forked from this process with whatever it has imported.
+    from app import log_config
+
+    if args.server == "granian":
+        serve_granian(args, settings)
+        return
+    import uvicorn
+
     uvicorn.run(
         "app:create_app",
         factory=True,
@@ -60,16 +75,63 @@ def serve(args: argparse.Namespace) -> None:
     )
 
 
+def granian_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("granian") is not None
+
+
+def serve_granian(args: argparse.Namespace, settings: Settings) -> None:
+    """The same service under Granian: its ASGI interface with lifespan, uvloop, one process
+    per worker. Its workers end on SIGTERM by running the lifespan's shutdown (which ends the
+    feed streams, as app.drain_on_signal does under uvicorn); one that has not ended within
+    --drain-seconds is killed."""
+    from pathlib import Path
+
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    from app import log_config
+
+    Server(
+        "cli:granian_app",
+        factory=True,
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,
+        workers=1 if args.reload else args.workers,
+        loop=Loops.uvloop,
+        log_level=LogLevels(settings.log_level),
+        log_dictconfig=log_config(settings.log_level),
+        log_access=False,  # channelgate writes its own structured access log
+        workers_kill_timeout=args.drain_seconds,
+        reload=args.reload,
+        reload_paths=[Path.cwd()] if args.reload else None,
+    ).serve()
+
+
+def granian_app() -> Any:
+    """`create_app()` behind Granian's X-Forwarded-For handling (uvicorn's proxy_headers):
+    trusted from FORWARDED_ALLOW_IPS, as uvicorn reads it, by default 127.0.0.1 only."""
+    from granian.utils.proxies import wrap_asgi_with_proxy_headers
+
+    from app import create_app
+
+    trusted = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+    return wrap_asgi_with_proxy_headers(create_app(), [h.strip() for h in trusted.split(",")])
+
+
 def share_metrics_between_workers() -> None:
     """A fresh directory for prometheus-client's multiprocess mode, unless one is given:
     every worker writes its samples there and any of them answers a scrape with all."""
     import os
     import tempfile
 
-    from metrics import MULTIPROC_ENV
-
-    if not os.environ.get(MULTIPROC_ENV):
-        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="channelgate-metrics-")
+    # metrics.MULTIPROC_ENV, not imported: that would import prometheus-client before this
+    # sets it, and Granian's forked workers would keep its single-process mode.
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="channelgate-metrics-")
 
 
 async def _migrate(settings: Settings) -> None:
@@ -381,6 +443,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--workers", type=at_least(1, 64), default=1, help="processes (PostgreSQL only if > 1)"
     )
+    p.add_argument(
+        "--server", choices=SERVERS, default=os.environ.get("CHANNELGATE_SERVER", "uvicorn"),
+        help="HTTP server (env CHANNELGATE_SERVER); granian needs the granian extra",
+    )  # fmt: skip
     p.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
     p.add_argument(
         "--drain-seconds", type=at_least(1, 600), default=10,

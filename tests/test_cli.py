@@ -300,8 +300,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.parametrize("server", cli.SERVERS)
 async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
-    work: Workdir, fresh_pg: str, tokens: Any
+    work: Workdir, fresh_pg: str, tokens: Any, server: str
 ):
     port = free_port()
     env = {
@@ -315,6 +316,7 @@ async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
         "OWNER_USER_IDS": ENV_OWNER,
     }
     args = ["serve", "--port", str(port), "--workers", "2", "--drain-seconds", "5"]
+    args += ["--server", server]
     process = await anyio.open_process([sys.executable, "-m", "cli", *args], cwd=work.path, env=env)
     base = f"http://127.0.0.1:{port}"
     owner = {"Authorization": f"Bearer {tokens.mint(ENV_OWNER, alg='HS256')}"}
@@ -328,7 +330,15 @@ async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
                     return False
 
             await eventually(ready, timeout=60, interval=0.2)
-            assert (await client.get("/api/v1/groups", headers=owner)).status_code == 200
+            listed = await client.get("/api/v1/groups", headers={**owner, "X-Request-ID": "r-1"})
+            assert listed.status_code == 200
+            assert listed.headers["x-request-id"] == "r-1"
+            too_big = await client.post(
+                "/api/v1/bot/events",
+                content=b"[" + b" " * (3 << 20) + b"]",
+                headers={"Content-Type": "application/json"},
+            )
+            assert too_big.status_code == 413, too_big.text
             async with client.stream("GET", "/api/v1/events", headers=owner) as stream:
                 lines = stream.aiter_lines()
                 assert await anext(lines) == "retry: 3000"
@@ -345,7 +355,9 @@ async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
     assert process.stderr is not None
     err = (await process.stderr.receive(1 << 20)).decode()
     records = [json.loads(line) for line in err.splitlines() if line.strip()]
-    assert {r["logger"] for r in records} >= {"uvicorn.error", "channelgate"}
+    server_logger = {"uvicorn": "uvicorn.error", "granian": "_granian"}[server]
+    assert {r["logger"] for r in records} >= {server_logger, "channelgate"}
+    assert any(r.get("path") == "/api/v1/groups" for r in records)  # the access log
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["ts"]) for r in records)
     assert any("token checks: " in r["msg"] for r in records)
     # One migration before the workers started: one alembic_version row, the head.
@@ -357,6 +369,15 @@ async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
     await engine.dispose()
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert revisions == [(head,)]
+
+
+async def test_serve_granian_without_the_extra_is_one_line(work: Workdir, monkeypatch):
+    """Chosen by flag or by CHANNELGATE_SERVER: a missing granian is a one-line refusal."""
+    monkeypatch.setattr(cli, "granian_installed", lambda: False)
+    refused = await work.refused("serve", "--server", "granian")
+    assert "pip install 'channelgate[granian]'" in refused
+    assert refused == await work.refused("serve", CHANNELGATE_SERVER="granian")
+    assert "one of uvicorn, granian" in await work.refused("serve", CHANNELGATE_SERVER="gunicorn")
 
 
 def test_the_package_carries_every_module():

@@ -84,7 +84,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def test_workers_share_one_set_of_counters(database_url, tmp_path):
+@pytest.mark.parametrize("server", ["uvicorn", "granian"])
+async def test_workers_share_one_set_of_counters(database_url, tmp_path, server):
     """Under `serve --workers 2` whichever worker answers a scrape reports every worker's
     requests: the count is the same on every scrape, and never goes back."""
     if not database_url.startswith("postgresql"):
@@ -98,6 +99,7 @@ async def test_workers_share_one_set_of_counters(database_url, tmp_path):
         "PYTHONPATH": str(ROOT),
     }
     command = [sys.executable, "-m", "cli", "serve", "--port", str(port), "--workers", "2"]
+    command += ["--server", server]
     async with await anyio.open_process(command, cwd=tmp_path, env=env) as server:
         try:
             base = f"http://127.0.0.1:{port}"
