@@ -357,11 +357,18 @@ class Enforcer:
         check = await self.check(bot, policy, user_id)
         self.record(policy, user_id, check, trigger)
         if check.result == "passed":
-            try:
-                await self.lift(bot, policy.chat_id, user_id)
-            except TelegramError as error:  # kept in the ledger: lifted at the next pass
-                log.warning("unmuting %s in %s failed: %s", user_id, policy.chat_id, error)
+            await self.passed(bot, policy.chat_id, user_id)
         return check
+
+    async def passed(self, bot: Bot, chat_id: int, user_id: int) -> None:
+        """A member passed a check: end this bot's mute and take their warning down."""
+        try:
+            await self.lift(bot, chat_id, user_id)
+        except TelegramError as error:  # kept in the ledger: lifted at the next pass
+            log.warning("unmuting %s in %s failed: %s", user_id, chat_id, error)
+        if (message_id := self.warnings.pop((chat_id, user_id), None)) is not None:
+            with contextlib.suppress(TelegramError):
+                await bot.delete_message(chat_id, message_id)
 
     # ------------------------------------------------------------ actions
 
@@ -428,9 +435,6 @@ class Enforcer:
             chat_id, user_id, permissions, until_date=until, use_independent_chat_permissions=True
         )
         await self.mutes.remove(key)
-        if (message_id := self.warnings.pop(key, None)) is not None:
-            with contextlib.suppress(TelegramError):
-                await bot.delete_message(chat_id, message_id)
 
     async def warn(self, bot: Bot, policy: gate.Policy, user: User, check: Check) -> None:
         key = (policy.chat_id, user.id)
@@ -572,10 +576,7 @@ class Enforcer:
         check = await self.check(context.bot, policy, owner)
         self.record(policy, owner, check, "button")
         if check.result == "passed":
-            await self.lift(context.bot, chat.id, owner)
-            if (message_id := self.warnings.pop((chat.id, owner), None)) is not None:
-                with contextlib.suppress(TelegramError):
-                    await context.bot.delete_message(chat.id, message_id)
+            await self.passed(context.bot, chat.id, owner)
             await query.answer("Thank you, you can write now.")
         elif check.result == "error":
             await query.answer("Telegram did not answer; try again in a moment.", show_alert=True)
