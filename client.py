@@ -370,6 +370,7 @@ class Client:
         self._idle = asyncio.Event()
         self._spool: Spool | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._in_transit = 0
         self._closing = False
 
     # ------------------------------------------------------------ lifecycle
@@ -396,7 +397,7 @@ class Client:
         self._wake.set()
         try:
             async with asyncio.timeout(within):
-                while self._queue or (self._spool and self._spool.size):
+                while self._queue or self._in_transit or (self._spool and self._spool.size):
                     self._idle.clear()
                     self._wake.set()
                     await self._idle.wait()
@@ -604,9 +605,13 @@ class Client:
         events = list(self._queue)
         self._queue.clear()
         self.stats.queued = 0
-        self.stats.dropped += await asyncio.to_thread(
-            self._spool.add, events, self.options.spool_limit
-        )
+        self._in_transit = len(events)  # neither queued nor spooled while the thread writes
+        try:
+            self.stats.dropped += await asyncio.to_thread(
+                self._spool.add, events, self.options.spool_limit
+            )
+        finally:
+            self._in_transit = 0
         self.stats.spooled = self._spool.size
 
     async def _deliver_forever(self) -> None:
