@@ -6,8 +6,10 @@ is read as its leading partial day in hours, its whole days in days, and its tra
 day in hours. Unique users come from DataSketches HLL sketches kept at the same two grains.
 """
 
+import asyncio
 import bisect
 import functools
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -17,23 +19,44 @@ from typing import Any
 
 import numpy as np
 from datasketches import hll_sketch, hll_union, tgt_hll_type  # pyrefly: ignore[missing-module-attribute]
-from sqlalchemy import BigInteger, ColumnElement, and_, delete, func, literal, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Subquery,
+    Table,
+    and_,
+    cast,
+    delete,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db import bulk_insert, bulk_update, upsert
+from db import Database, bulk_insert, bulk_update, failure, is_postgres, upsert
 from models import (
     ALL_GROUPS,
     COUNTERS,
     LATENCY_COLUMNS,
     LATENCY_EDGES_MS,
     VerificationIn,
+    channel_rollup_deltas,
     channel_rollups,
     invalid,
+    member_count_deltas,
     member_counts,
+    rollup_deltas,
     rollups,
+    user_sketch_deltas,
     user_sketches,
     utcnow,
 )
+
+log = logging.getLogger("channelgate.analytics")
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
@@ -174,8 +197,9 @@ Key = tuple[str, int, int]  # (grain, chat id, bucket start as a Unix timestamp)
 
 
 async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]) -> None:
-    """Fold newly stored events into the rollups, in the caller's transaction (so a retried
-    batch, whose events are not new, never counts twice)."""
+    """Record what newly stored events add to the rollups and sketches, as insert-only delta
+    rows in the caller's transaction: a retried batch, whose events are not new, adds
+    nothing, and concurrent batches never wait on each other (see `fold`)."""
     if not events:
         return
     width = len(COUNTERS) + len(LATENCY_COLUMNS)
@@ -203,36 +227,121 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
     names = (*COUNTERS, *LATENCY_COLUMNS)
     rows = [
         {"grain": g, "chat_id": c, "bucket": bucket_time(b), **dict(zip(names, v, strict=True))}
-        for (g, c, b), v in sorted(counts.items())
+        for (g, c, b), v in counts.items()
     ]
-    statement, params = bulk_insert(session, rollups, rows)
+    await insert_rows(session, rollup_deltas, rows)
+    rows = [
+        {"grain": g, "chat_id": c, "bucket": bucket_time(b), "channel_id": ch, "blocks": n}
+        for (g, c, b, ch), n in blocks.items()
+    ]
+    await insert_rows(session, channel_rollup_deltas, rows)
+    rows = [
+        {"grain": g, "chat_id": c, "bucket": bucket_time(b), "sketch": add_users(None, ids)}
+        for (g, c, b), ids in users.items()
+    ]
+    await insert_rows(session, user_sketch_deltas, rows)
+
+
+async def insert_rows(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        statement, params = bulk_insert(session, table, rows)
+        await session.execute(statement, params)
+
+
+# ---------------------------------------------------------------- folding
+
+# Each delta table, the table it folds into and that table's unique key; the other columns
+# add up. The sketches unite instead (fold_sketches).
+SUMMED = (
+    (rollup_deltas, rollups, ("grain", "chat_id", "bucket")),
+    (channel_rollup_deltas, channel_rollups, ("grain", "chat_id", "bucket", "channel_id")),
+    (member_count_deltas, member_counts, ("chat_id",)),
+)
+DELTAS = {table: deltas for deltas, table, _ in (*SUMMED, (user_sketch_deltas, user_sketches, ()))}
+FOLD_ROWS = 20_000  # delta rows of each kind per folding transaction
+FOLD_LOCK = 0x63676600  # PostgreSQL advisory lock: one folder at a time, across replicas
+
+
+async def fold(session: AsyncSession, limit: int | None = FOLD_ROWS) -> int:
+    """Merge up to `limit` delta rows of each kind (all with None) into their tables and
+    delete them, in the caller's transaction: the merge and the deletion commit together,
+    so every delta counts exactly once, and a read (which adds the deltas still there,
+    see `pending`) sees each batch exactly once whenever it runs. The caller holds the
+    folder's lock (`lock_folding`). Returns how many delta rows were folded; does not
+    commit."""
+    folded = 0
+    for deltas, table, key in SUMMED:
+        rows = await take(session, deltas, key, limit)
+        folded += len(rows)
+        sums: dict[tuple[Any, ...], list[int]] = {}
+        n = len(key)
+        for row in rows:
+            k = tuple(row[:n])
+            total = sums.get(k)
+            if total is None:
+                sums[k] = list(row[n:])
+            else:
+                for i, value in enumerate(row[n:]):
+                    total[i] += value
+        await add_up(session, table, key, sums)
+    rows = await take(session, user_sketch_deltas, ("grain", "chat_id", "bucket"), limit)
+    folded += len(rows)
+    blobs: dict[tuple[str, int, datetime], list[bytes]] = defaultdict(list)
+    for grain, chat_id, bucket, sketch in rows:
+        blobs[grain, chat_id, bucket].append(sketch)
+    await merge_sketches(session, blobs)
+    return folded
+
+
+async def take(
+    session: AsyncSession, deltas: Table, key: Sequence[str], limit: int | None
+) -> Sequence[Any]:
+    """Delete the oldest `limit` delta rows and return them, the `key` columns first."""
+    chosen = select(deltas.c.id).order_by(deltas.c.id)
+    if limit is not None:
+        chosen = chosen.limit(limit)
+    rest = [c for c in deltas.c if c.name != "id" and c.name not in key]
+    columns = [*(deltas.c[k] for k in key), *rest]
+    statement = delete(deltas).where(deltas.c.id.in_(chosen.scalar_subquery()))
+    return (await session.execute(statement.returning(*columns))).all()
+
+
+async def add_up(
+    session: AsyncSession, table: Table, key: Sequence[str], sums: dict[tuple[Any, ...], list[int]]
+) -> None:
+    """Add these sums into `table`'s rows (created where missing), in key order: folders
+    and migrations lock rows in the same order, so they never deadlock."""
+    if not sums:
+        return
+    names = [c.name for c in table.c if c.name != "id" and c.name not in key]
+    rows = [dict(zip((*key, *names), (*k, *v), strict=True)) for k, v in sorted(sums.items())]
+    statement, params = bulk_insert(session, table, rows)
     statement = statement.on_conflict_do_update(
-        index_elements=["grain", "chat_id", "bucket"],
-        set_={n: rollups.c[n] + statement.excluded[n] for n in names},
+        index_elements=list(key),
+        set_={n: table.c[n] + statement.excluded[n] for n in names},
     )
     await session.execute(statement, params)
 
-    if blocks:
-        rows = [
-            {"grain": g, "chat_id": c, "bucket": bucket_time(b), "channel_id": ch, "blocks": n}
-            for (g, c, b, ch), n in sorted(blocks.items())
-        ]
-        statement, params = bulk_insert(session, channel_rollups, rows)
-        statement = statement.on_conflict_do_update(
-            index_elements=["grain", "chat_id", "bucket", "channel_id"],
-            set_={"blocks": channel_rollups.c.blocks + statement.excluded.blocks},
-        )
-        await session.execute(statement, params)
 
-    await merge_sketches(session, users)
+async def lock_folding(session: AsyncSession, wait: bool = True) -> bool:
+    """Take the folder's lock until the transaction ends (PostgreSQL; SQLite has a single
+    writer anyway). Without `wait`, False when another transaction holds it."""
+    if not is_postgres(session):
+        return True
+    function = func.pg_advisory_xact_lock if wait else func.pg_try_advisory_xact_lock
+    held = (await session.execute(select(function(FOLD_LOCK)))).scalar()
+    return wait or bool(held)
 
 
-async def merge_sketches(session: AsyncSession, users: dict[Key, list[int]]) -> None:
-    """Read-modify-write of the touched sketches: one upsert that creates missing rows and
-    locks and returns existing ones (in key order, the same for every batch: no deadlocks),
-    then one update. Last in the transaction, so the all-groups rows are locked briefly."""
-    keys = sorted(users)
-    rows = [{"grain": g, "chat_id": c, "bucket": bucket_time(b), "sketch": b""} for g, c, b in keys]
+async def merge_sketches(
+    session: AsyncSession, blobs: dict[tuple[str, int, datetime], list[bytes]]
+) -> None:
+    """Unite delta sketches into the stored ones: one upsert that creates missing rows and
+    locks and returns existing ones (in key order), then one update."""
+    if not blobs:
+        return
+    keys = sorted(blobs)
+    rows = [{"grain": g, "chat_id": c, "bucket": b, "sketch": b""} for g, c, b in keys]
     statement, params = bulk_insert(session, user_sketches, rows)
     statement = statement.on_conflict_do_update(
         index_elements=["grain", "chat_id", "bucket"],
@@ -246,17 +355,41 @@ async def merge_sketches(session: AsyncSession, users: dict[Key, list[int]]) -> 
     )
     current = (await session.execute(statement, params)).all()
     updates = [
-        {"id": row.id, "sketch": add_users(row.sketch, users[row.grain, row.chat_id, ts])}
+        {
+            "id": row.id,
+            "sketch": unite(
+                [row.sketch, *blobs[row.grain, row.chat_id, row.bucket]]
+            ).serialize_compact(),
+        }
         for row in current
-        for ts in [int(row.bucket.timestamp())]
     ]
     await bulk_update(session, user_sketches, updates)
+
+
+async def folder(db: Database, every: float) -> None:
+    """The background folder of one process: a pass every `every` seconds, another at once
+    after a full one. Any replica's folder may fold any replica's deltas; the lock lets one
+    fold at a time. A failed pass rolls back whole and is tried again at the next."""
+    while True:
+        folded = 0
+        try:
+            async with db.sessionmaker() as session:
+                if await lock_folding(session, wait=False):
+                    folded = await fold(session)
+                    await session.commit()
+        except Exception as error:
+            if failure(error) is None:
+                log.exception("folding rollup deltas failed")
+            else:
+                log.warning("folding rollup deltas: database unavailable (%s)", error)
+        await asyncio.sleep(0 if folded >= FOLD_ROWS else every)
 
 
 async def move_rollups(session: AsyncSession, old: int, new: int) -> None:
     """Re-key a group's rollups and sketches to its new chat id (a migration), merged into
     what the new id holds already: counters and latency histograms add, sketches unite.
-    The all-groups sketches saw both ids' users already and stay as they are."""
+    The all-groups sketches saw both ids' users already and stay as they are. The caller
+    has folded every delta (ingest.move_chat), so only the tables need moving."""
     for table in (rollups, channel_rollups):
         key = ["grain", "bucket", *(["channel_id"] if table is channel_rollups else [])]
         counted = [c.name for c in table.c if c.name not in {"id", "chat_id", *key}]
@@ -355,6 +488,21 @@ class Window:
         )
 
 
+def pending(table: Table) -> Subquery:
+    """`table` as reads must see it: its rows and the delta rows not folded yet (`fold`),
+    which the aggregates add up (or unite); one statement sees each batch once, folded or
+    not. Columns the deltas lack are null on their side."""
+    deltas = DELTAS[table]
+    names = [c.name for c in deltas.c if c.name != "id"]
+    missing = [c for c in table.c if c.name != "id" and c.name not in names]
+    return union_all(
+        select(*[table.c[n] for n in names], *missing),
+        select(
+            *[deltas.c[n] for n in names], *[cast(null(), c.type).label(c.name) for c in missing]
+        ),
+    ).subquery(table.name)
+
+
 def group_filter(table: Any, chat_id: int | None) -> list[ColumnElement[bool]]:
     return [] if chat_id is None else [table.c.chat_id == chat_id]
 
@@ -382,13 +530,14 @@ def percentile(histogram: Sequence[int], fraction: float) -> float | None:
 
 
 async def counters(session: AsyncSession, window: Window, chat_id: int | None) -> dict[str, Any]:
+    r = pending(rollups)
     names = (*COUNTERS, *LATENCY_COLUMNS)
     row = (
         await session.execute(
             select(
-                *[func.coalesce(func.sum(rollups.c[n]), 0) for n in names],
-                func.count(func.distinct(rollups.c.chat_id)),
-            ).where(window.where(rollups), *group_filter(rollups, chat_id))
+                *[func.coalesce(func.sum(r.c[n]), 0) for n in names],
+                func.count(func.distinct(r.c.chat_id)),
+            ).where(window.where(r), *group_filter(r, chat_id))
         )
     ).one()
     sums = dict(zip(names, (int(v) for v in row[: len(names)]), strict=True))
@@ -401,11 +550,12 @@ async def unique_users(
     """(users, estimated) over the window: exact while the union of its sketches is small
     (see LG_K), else DataSketches' estimate; plus the pre-DataSketches sketches' estimate
     where the window reaches them (always estimated)."""
+    sketches = pending(user_sketches)
     scope = ALL_GROUPS if chat_id is None else chat_id
     rows = (
         await session.execute(
-            select(user_sketches.c.sketch, user_sketches.c.legacy).where(
-                window.where(user_sketches), user_sketches.c.chat_id == scope
+            select(sketches.c.sketch, sketches.c.legacy).where(
+                window.where(sketches), sketches.c.chat_id == scope
             )
         )
     ).all()
@@ -419,10 +569,11 @@ async def unique_users(
 
 async def member_totals(session: AsyncSession, chat_id: int | None) -> tuple[int, int]:
     """(verified, restricted) members now, of one group or of all, from the kept counts."""
+    counts = pending(member_counts)
     counted = select(
-        func.coalesce(func.sum(member_counts.c.verified), 0),
-        func.coalesce(func.sum(member_counts.c.restricted), 0),
-    ).where(*group_filter(member_counts, chat_id))
+        func.coalesce(func.sum(counts.c.verified), 0),
+        func.coalesce(func.sum(counts.c.restricted), 0),
+    ).where(*group_filter(counts, chat_id))
     verified, restricted = (await session.execute(counted)).one()
     return int(verified), int(restricted)
 
@@ -451,47 +602,50 @@ def fill_points(
 async def timeseries(
     session: AsyncSession, grain: str, since: datetime, until: datetime, chat_id: int | None
 ) -> list[dict[str, Any]]:
+    r = pending(rollups)
     rows = await session.execute(
         select(
-            rollups.c.bucket,
-            *[func.sum(rollups.c[n]).label(n) for n in ("checks", "passed", "blocked", "errors")],
+            r.c.bucket,
+            *[func.sum(r.c[n]).label(n) for n in ("checks", "passed", "blocked", "errors")],
         )
         .where(
-            rollups.c.grain == grain,
-            rollups.c.bucket >= since,
-            rollups.c.bucket < until,
-            *group_filter(rollups, chat_id),
+            r.c.grain == grain,
+            r.c.bucket >= since,
+            r.c.bucket < until,
+            *group_filter(r, chat_id),
         )
-        .group_by(rollups.c.bucket)
+        .group_by(r.c.bucket)
     )
     return fill_points(rows, since, until, HOUR if grain == "h" else DAY)
 
 
 async def top_groups(session: AsyncSession, window: Window, limit: int) -> list[Any]:
-    checks = func.sum(rollups.c.checks).label("checks")
+    r = pending(rollups)
+    checks = func.sum(r.c.checks).label("checks")
     return list(
         await session.execute(
             select(
-                rollups.c.chat_id,
+                r.c.chat_id,
                 checks,
-                func.sum(rollups.c.passed).label("passed"),
-                func.sum(rollups.c.blocked).label("blocked"),
+                func.sum(r.c.passed).label("passed"),
+                func.sum(r.c.blocked).label("blocked"),
             )
-            .where(window.where(rollups))
-            .group_by(rollups.c.chat_id)
-            .order_by(checks.desc(), rollups.c.chat_id)
+            .where(window.where(r))
+            .group_by(r.c.chat_id)
+            .order_by(checks.desc(), r.c.chat_id)
             .limit(limit)
         )
     )
 
 
 async def channel_blocks(session: AsyncSession, window: Window, chat_id: int | None) -> list[Any]:
-    blocks = func.sum(channel_rollups.c.blocks).label("blocks")
+    r = pending(channel_rollups)
+    blocks = func.sum(r.c.blocks).label("blocks")
     return list(
         await session.execute(
-            select(channel_rollups.c.channel_id, blocks)
-            .where(window.where(channel_rollups), *group_filter(channel_rollups, chat_id))
-            .group_by(channel_rollups.c.channel_id)
-            .order_by(blocks.desc(), channel_rollups.c.channel_id)
+            select(r.c.channel_id, blocks)
+            .where(window.where(r), *group_filter(r, chat_id))
+            .group_by(r.c.channel_id)
+            .order_by(blocks.desc(), r.c.channel_id)
         )
     )

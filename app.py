@@ -36,6 +36,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import analytics
 import contract
 import policy
 from auth import AuthState, client_address
@@ -84,6 +85,7 @@ class Services:
     metrics: Metrics
     limiter: Limiter
     listener: asyncio.Task[None] | None = field(default=None)
+    folder: asyncio.Task[None] | None = field(default=None)
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
@@ -115,6 +117,10 @@ class Services:
                 self.settings, self.db, on_linked=self.linked, on_unlinked=self.unlinked
             )
             self.listener = asyncio.create_task(self.db.listener.run(), name="channelgate-listener")
+        self.folder = asyncio.create_task(
+            analytics.folder(self.db, self.settings.fold_interval_seconds),
+            name="channelgate-folder",
+        )
         drain_on_signal(self.feed)
 
     def linked(self) -> None:
@@ -129,10 +135,11 @@ class Services:
     async def stop(self) -> None:
         self.feed.drain()
         DRAINING.discard(self.feed)
-        if self.listener is not None:
-            self.listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.listener
+        for task in (self.listener, self.folder):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.limiter.stop()
         await self.http.aclose()
         await self.db.dispose()

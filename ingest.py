@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 from sqlmodel import select as select_rows
 
-from analytics import move_rollups, update_rollups
+from analytics import fold, insert_rows, lock_folding, move_rollups, update_rollups
 from db import VERIFICATION, announce, bulk_insert, is_postgres, upsert
 from models import (
     Member,
@@ -22,6 +22,7 @@ from models import (
     Verification,
     VerificationIn,
     group_migrations,
+    member_count_deltas,
     member_counts,
     utcnow,
 )
@@ -174,27 +175,21 @@ COUNTED = {"verified": 0, "restricted": 1}
 
 
 async def add_member_counts(session: AsyncSession, changes: dict[int, list[int]]) -> None:
+    """Record the batch's member-count changes as delta rows (folded by analytics.fold)."""
     rows = [
         {"chat_id": chat_id, "verified": v, "restricted": r}
-        for chat_id, (v, r) in sorted(changes.items())
+        for chat_id, (v, r) in changes.items()
         if v or r
     ]
-    if not rows:
-        return
-    statement, params = bulk_insert(session, member_counts, rows)
-    statement = statement.on_conflict_do_update(
-        index_elements=["chat_id"],
-        set_={
-            "verified": member_counts.c.verified + statement.excluded.verified,
-            "restricted": member_counts.c.restricted + statement.excluded.restricted,
-        },
-    )
-    await session.execute(statement, params)
+    await insert_rows(session, member_count_deltas, rows)
 
 
 async def recount_members(session: AsyncSession, chat_id: int) -> None:
-    """Rebuild one group's counts from its member states (after a migration or deletion)."""
-    await session.execute(delete(member_counts).where(member_counts.c.chat_id == chat_id))
+    """Rebuild one group's counts from its member states (after a migration or deletion),
+    its deltas included: under the folder's lock, so no fold of them is half-seen."""
+    await lock_folding(session)
+    for table in (member_count_deltas, member_counts):
+        await session.execute(delete(table).where(table.c.chat_id == chat_id))
     verified, restricted = (
         await session.execute(
             select(
@@ -204,7 +199,11 @@ async def recount_members(session: AsyncSession, chat_id: int) -> None:
         )
     ).one()
     if verified or restricted:
-        await add_member_counts(session, {chat_id: [verified, restricted]})
+        await insert_rows(
+            session,
+            member_counts,
+            [{"chat_id": chat_id, "verified": verified, "restricted": restricted}],
+        )
 
 
 async def moved_to(session: AsyncSession, chat_ids: set[int]) -> dict[int, int]:
@@ -231,6 +230,10 @@ async def move_chat(session: AsyncSession, old: int, new: int) -> None:
     beside the move, to stay behind under an id no group has."""
     if is_postgres(session):
         await session.execute(text("LOCK TABLE group_migrations IN ACCESS EXCLUSIVE MODE"))
+    # Every batch of the old id has committed its deltas now: fold them all, so that only
+    # the tables need moving (no fold runs meanwhile: the lock is held until commit).
+    await lock_folding(session)
+    await fold(session, None)
     await session.execute(
         update(group_migrations)
         .where(group_migrations.c.new_chat_id == old)

@@ -985,6 +985,29 @@ user_sketches = Table(
 )
 
 
+# What each ingested batch adds to the tables above, one insert-only row per batch and key
+# (no unique key, so concurrent batches never wait on each other's rows), until the folder
+# (analytics.fold) merges it into its table and deletes it in one transaction. Reads add the
+# rows not folded yet (analytics.pending). Same columns as the table they feed, `id` aside.
+def deltas_of(table: Table, name: str, *, skip: tuple[str, ...] = ()) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("id", BigId, primary_key=True),
+        *[
+            Column(c.name, c.type, nullable=c.nullable)
+            for c in table.c
+            if c.name != "id" and c.name not in skip
+        ],
+    )
+
+
+rollup_deltas = deltas_of(rollups, "rollup_deltas")
+channel_rollup_deltas = deltas_of(channel_rollups, "channel_rollup_deltas")
+member_count_deltas = deltas_of(member_counts, "member_count_deltas")
+user_sketch_deltas = deltas_of(user_sketches, "user_sketch_deltas", skip=("legacy",))
+
+
 class Latency(Schema):
     p50: float | None
     p95: float | None

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     environment: Literal["development", "test", "production"] = "development"
     metrics_enabled: bool = False
     retention_days: int = Field(default=90, ge=1, le=3650)
+    # How often each process's folder merges the rollup deltas ingestion writes (the lag
+    # of the rollup tables behind the log; reads count unfolded deltas either way).
+    fold_interval_seconds: float = Field(default=0.5, gt=0, le=60)
 
     @field_validator("database_url", "database_listen_url")
     @classmethod

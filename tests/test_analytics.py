@@ -3,6 +3,7 @@ windows and their edges; retention (`channelgate purge`) keeps the rollups."""
 
 import asyncio
 import bisect
+import contextlib
 import math
 import random
 import uuid
@@ -17,11 +18,11 @@ import anyio
 import httpx
 import numpy as np
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 
 import analytics
 import cli
-from models import LATENCY_EDGES_MS, user_sketches
+from models import LATENCY_EDGES_MS, rollup_deltas, user_sketches
 from settings import get_settings
 from tests.conftest import Harness, problem
 from tests.factories import (
@@ -231,8 +232,28 @@ def random_events(t0: datetime, rng: random.Random, count: int) -> list[dict]:
     return events
 
 
-@pytest.fixture
-async def dataset(harness: Harness, bot) -> Dataset:
+async def stop_folder(harness: Harness) -> None:
+    """Cancel the app's background folder: the test decides what is folded and when."""
+    task = harness.services.folder
+    assert task is not None
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def fold(harness: Harness, limit: int | None = None) -> int:
+    async with harness.sessionmaker() as session:
+        await analytics.lock_folding(session)
+        folded = await analytics.fold(session, limit)
+        await session.commit()
+    return folded
+
+
+# Every read must count each batch once whether its deltas are folded, not yet folded, or
+# some of each: the data set is read in all three states.
+@pytest.fixture(params=["unfolded", "partly folded", "folded"])
+async def dataset(harness: Harness, bot, request: pytest.FixtureRequest) -> Dataset:
+    await stop_folder(harness)
     client = harness.client
     for chat_id, title in GROUP_TITLES.items():
         await register_group(client, bot, chat_id, title=title)
@@ -252,6 +273,11 @@ async def dataset(harness: Harness, bot) -> Dataset:
     assert await post_events(client, bot, mixed) == {"accepted": 300, "duplicates": 9}
     for batch in batches[3:]:
         await post_events(client, bot, batch)
+    if request.param == "partly folded":
+        assert await fold(harness, 7) == 4 * 7  # 7 rows of each of the four kinds
+    elif request.param == "folded":
+        assert await fold(harness) > 0
+        assert await fold(harness) == 0
     return Dataset(t0, events)
 
 
@@ -820,3 +846,94 @@ async def test_window_reaching_legacy_registers_adds_their_estimate_and_is_flagg
         assert (whole["unique_users"], whole["unique_users_estimated"]) == (expected, True)
         recent = await ok(harness.client, viewer, "summary", since=t, until=t + DAY, group=group)
         assert (recent["unique_users"], recent["unique_users_estimated"]) == (3, False)
+
+
+# ---------------------------------------------------------------- folding
+
+
+async def test_reads_after_an_acknowledged_batch_count_it_on_every_replica_while_folding(
+    harness: Harness, replica: Harness, bot, viewer
+):
+    """Read-your-writes: every analytics answer given after a batch was acknowledged counts
+    it exactly once, on another replica too, while a folder merges a few deltas at a time
+    as fast as it can (so reads land before, during and after folds)."""
+    stop = asyncio.Event()
+
+    async def folding() -> None:
+        while not stop.is_set():
+            async with harness.sessionmaker() as session:
+                if await analytics.lock_folding(session, wait=False):
+                    await analytics.fold(session, 3)
+                    await session.commit()
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(folding())
+    t0 = floor_hour(datetime.now(UTC)) - 3 * HOUR
+    sent: list[dict] = []
+    try:
+        for i in range(10):
+            batch = [
+                event(
+                    GROUPS[j % 2], user_id=100 + (i * 7 + j) % 40,
+                    result="blocked" if j % 3 == 0 else "passed",
+                    at=t0 + timedelta(minutes=13 * i + j),
+                )
+                for j in range(12)
+            ]  # fmt: skip
+            await post_events(harness.client, bot, batch)
+            sent += batch
+            window = {"since": t0, "until": t0 + 4 * HOUR}
+            for reader in (harness, replica):
+                summary = await ok(reader.client, viewer, "summary", **window)
+                assert summary["checks"] == len(sent)
+                assert summary["unique_users"] == len({e["user_id"] for e in sent})
+                assert not summary["unique_users_estimated"]
+                series = await ok(reader.client, viewer, "timeseries", **window)
+                assert sum(p["checks"] for p in series["points"]) == len(sent)
+                top = await ok(reader.client, viewer, "top-groups", **window)
+                assert sum(g["checks"] for g in top["items"]) == len(sent)
+                channels = await ok(reader.client, viewer, "channels", **window)
+                blocked = sum(e["result"] == "blocked" for e in sent)
+                assert sum(c["blocks"] for c in channels["items"]) == blocked
+    finally:
+        stop.set()
+        await task
+    assert await fold(harness) >= 0
+    summary = await ok(harness.client, viewer, "summary", since=t0, until=t0 + 4 * HOUR)
+    assert summary["checks"] == len(sent)
+
+
+async def test_the_folder_outlives_a_stalled_database_and_folds_later(
+    harness: Harness, bot, viewer, database_url: str
+):
+    """A folding pass that cannot get its rows (a lock held past the lock timeout) rolls
+    back whole; the folder carries on and folds them at a later pass."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("needs a second PostgreSQL session holding a lock")
+    import asyncpg
+
+    blocker = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        async with blocker.transaction():
+            # Ingestion never writes the rollup tables (only deltas), so it goes on; every
+            # folding pass waits for this lock past DATABASE_LOCK_TIMEOUT (2 s) and fails.
+            await blocker.execute("LOCK TABLE rollups IN SHARE MODE")
+            users = (1, 2, 3)
+            await post_events(harness.client, bot, [event(GROUPS[0], user_id=u) for u in users])
+            await asyncio.sleep(3)
+            async with harness.sessionmaker() as session:
+                left = await session.scalar(select(func.count()).select_from(rollup_deltas))
+            assert left == 2  # the hour's and the day's
+    finally:
+        await blocker.close()
+    for _ in range(100):
+        async with harness.sessionmaker() as session:
+            left = await session.scalar(select(func.count()).select_from(rollup_deltas))
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+    assert left == 0
+    folder = harness.services.folder
+    assert folder is not None and not folder.done()
+    summary = await ok(harness.client, viewer, "summary", group=GROUPS[0])
+    assert (summary["checks"], summary["unique_users"]) == (3, 3)

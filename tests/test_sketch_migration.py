@@ -82,3 +82,50 @@ def test_sketches_rebuilt_from_the_log_and_older_ones_kept_as_legacy(tmp_path):
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT grain, chat_id, registers FROM user_sketches").fetchall()
     assert sorted(rows) == [("d", -100, legacy), ("d", 0, legacy)]
+
+
+def test_downgrading_the_delta_tables_folds_what_is_left(tmp_path):
+    """The older code has no delta tables: downgrading past them adds every unfolded delta
+    into its table first (counters add up, sketches unite), so nothing acknowledged is lost."""
+    path = tmp_path / "deltas.db"
+    config = alembic_config(f"sqlite+aiosqlite:///{path}")
+    command.upgrade(config, "126b9b5f3b09")
+    hour = stamp(DAY0)
+    zeros = ", ".join(["0"] * 16)
+    latency = ", ".join(f"lat_{i}" for i in range(16))
+    counters = f"grain, chat_id, bucket, checks, passed, blocked, errors, cached, {latency}"
+    rollup = f"INSERT INTO rollups ({counters}) VALUES ('h', -100, ?, 5, 5, 0, 0, 1, {zeros})"  # noqa: S608
+    delta = f"INSERT INTO rollup_deltas ({counters}) VALUES ('h', -100, ?, ?, ?, 0, 0, 0, {zeros})"  # noqa: S608
+    sketch = (
+        "INSERT INTO user_sketch_deltas (grain, chat_id, bucket, sketch) VALUES ('h', -100, ?, ?)"
+    )
+    with sqlite3.connect(path) as db:
+        db.execute(rollup, (hour,))
+        for checks in (2, 3):
+            db.execute(delta, (hour, checks, checks))
+        db.execute(
+            "INSERT INTO member_count_deltas (chat_id, verified, restricted) VALUES (-100, 2, 1)"
+        )
+        db.execute(
+            "INSERT INTO member_count_deltas (chat_id, verified, restricted) VALUES (-100, 1, -1)"
+        )
+        db.execute(
+            "INSERT INTO channel_rollup_deltas (grain, chat_id, channel_id, bucket, blocks)"
+            " VALUES ('h', -100, -1002, ?, 4)",
+            (hour,),
+        )
+        db.execute(
+            "INSERT INTO user_sketches (grain, chat_id, bucket, sketch) VALUES ('h', -100, ?, ?)",
+            (hour, analytics.add_users(None, [1, 2, 3])),
+        )
+        for users in ([3, 4], [5]):
+            db.execute(sketch, (hour, analytics.add_users(None, users)))
+    command.downgrade(config, "9c1f2e7a4b10")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT checks, passed, cached FROM rollups").fetchall() == [(10, 10, 1)]
+        assert db.execute("SELECT verified, restricted FROM member_counts").fetchall() == [(3, 0)]
+        assert db.execute("SELECT blocks FROM channel_rollups").fetchall() == [(4,)]
+        (sketch,) = db.execute("SELECT sketch FROM user_sketches").fetchone()
+        assert analytics.count_of(analytics.sketch_of(sketch)) == (5, False)
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        assert not {t for t in tables if t.endswith("_deltas")}
