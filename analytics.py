@@ -366,6 +366,20 @@ async def merge_sketches(
     await bulk_update(session, user_sketches, updates)
 
 
+async def fold_everything(db: Database) -> int:
+    """Fold every delta there is, pass after pass (for a process that ingested without a
+    folder running: seed-demo, the benchmarks); returns how many rows were folded."""
+    total = 0
+    while True:
+        async with db.sessionmaker() as session:
+            await lock_folding(session)
+            folded = await fold(session)
+            await session.commit()
+        total += folded
+        if not folded:
+            return total
+
+
 async def folder(db: Database, every: float) -> None:
     """The background folder of one process: a pass every `every` seconds, another at once
     after a full one. Any replica's folder may fold any replica's deltas; the lock lets one

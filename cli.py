@@ -250,6 +250,7 @@ async def _seed_demo(settings: Settings, groups: int, events: int, days: int, se
     from sqlalchemy import insert
     from sqlmodel import select
 
+    from analytics import fold_everything
     from db import Database, migrate
     from ingest import ingest
     from models import Channel, Group, GroupChannel, VerificationIn
@@ -338,6 +339,7 @@ async def _seed_demo(settings: Settings, groups: int, events: int, days: int, se
             done += len(batch)
             progress(done, events)
         print(file=sys.stderr)
+        await fold_everything(db)  # no folder runs here: leave the rollups whole
     finally:
         await db.dispose()
 

@@ -40,6 +40,7 @@ def log(message: str) -> None:
 
 
 async def fill(url: str, events: int, groups: int, days: int, seed: int) -> None:
+    from analytics import fold_everything
     from db import Database
     from ingest import ingest
     from models import Channel, Group, GroupChannel, VerificationIn
@@ -106,6 +107,9 @@ async def fill(url: str, events: int, groups: int, days: int, seed: int) -> None
         rate = done / (time.perf_counter() - started)
         print(f"\r{done:,}/{events:,} events ({rate:,.0f}/s)", end="", file=sys.stderr)
     print(file=sys.stderr)
+    started = time.perf_counter()
+    folded = await fold_everything(db)
+    log(f"folded {folded:,} delta rows in {time.perf_counter() - started:.1f} s")
     await db.dispose()
 
 

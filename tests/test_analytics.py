@@ -937,3 +937,18 @@ async def test_the_folder_outlives_a_stalled_database_and_folds_later(
     assert folder is not None and not folder.done()
     summary = await ok(harness.client, viewer, "summary", group=GROUPS[0])
     assert (summary["checks"], summary["unique_users"]) == (3, 3)
+
+
+async def test_seed_demo_goes_through_ingestion_and_leaves_nothing_unfolded(
+    harness: Harness, viewer
+):
+    """`channelgate seed-demo` runs without a folder: it folds what it wrote before exiting."""
+    await stop_folder(harness)
+    await cli._seed_demo(harness.services.settings, 3, 1200, 2, 7)
+    async with harness.sessionmaker() as session:
+        assert await session.scalar(select(func.count()).select_from(rollup_deltas)) == 0
+    summary = await ok(
+        harness.client, viewer, "summary", since=datetime.now(UTC) - 4 * DAY,
+        until=datetime.now(UTC) + HOUR,
+    )  # fmt: skip
+    assert summary["checks"] == 1200 and summary["active_groups"] == 3
