@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from analytics import FOLD_LOCK
 from app import Services, create_app
 from db import alembic_config
 from models import Staff, metadata
@@ -71,6 +72,8 @@ async def clean_database(url: str) -> None:
     tables = [t.name for t in reversed(metadata.sorted_tables)]
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
+            # After any folder's pass: a folder mid-pass locks tables in another order.
+            await connection.execute(text(f"SELECT pg_advisory_xact_lock({FOLD_LOCK})"))
             await connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY"))
         else:
             for table in tables:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from db import asyncpg_dsn, schema_head
 from settings import Settings
-from tests.conftest import Harness, clean_database, problem, start_harness
+from tests.conftest import ENV_OWNER, Harness, clean_database, problem, start_harness
 from tests.factories import listening
 
 pytestmark = pytest.mark.anyio
@@ -233,8 +233,8 @@ async def test_cors_preflight_for_a_configured_origin(cors: Harness):
     assert {"authorization", "content-type", "if-match"} <= {h.strip() for h in allowed.split(",")}
 
 
-async def test_cors_exposes_headers_on_actual_requests(cors: Harness, owner):
-    headers = {**owner, "Origin": "https://dash.example"}
+async def test_cors_exposes_headers_on_actual_requests(cors: Harness):
+    headers = {**cors.auth(ENV_OWNER), "Origin": "https://dash.example"}
     response = await cors.client.get("/api/v1/groups", headers=headers)
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "https://dash.example"
@@ -242,14 +242,14 @@ async def test_cors_exposes_headers_on_actual_requests(cors: Harness, owner):
     assert "etag" in exposed and "x-request-id" in exposed
 
 
-async def test_cors_absent_for_other_origins(cors: Harness, owner):
+async def test_cors_absent_for_other_origins(cors: Harness):
     response = await cors.client.options(
         "/api/v1/groups", headers=preflight("https://evil.example")
     )
     assert response.status_code != 200
     assert "access-control-allow-origin" not in response.headers
     response = await cors.client.get(
-        "/api/v1/groups", headers={**owner, "Origin": "https://evil.example"}
+        "/api/v1/groups", headers={**cors.auth(ENV_OWNER), "Origin": "https://evil.example"}
     )
     assert "access-control-allow-origin" not in response.headers
 
