@@ -6,9 +6,11 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,16 @@ import cli
 from auth import hash_key
 from db import alembic_config
 from settings import Settings, get_settings
-from tests.conftest import ENV_OWNER, HS_SECRET, ISSUER, ROOT, SUPABASE_URL, start_harness
-from tests.factories import eventually
+from tests.conftest import (
+    ENV_BOT_KEY,
+    ENV_OWNER,
+    HS_SECRET,
+    ISSUER,
+    ROOT,
+    SUPABASE_URL,
+    start_harness,
+)
+from tests.factories import VERIFICATIONS, event, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -300,36 +310,62 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("server", cli.SERVERS)
-async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
-    work: Workdir, fresh_pg: str, tokens: Any, server: str
-):
+class Served:
+    """`channelgate serve` as a real process on a free port, ready; its stderr afterwards."""
+
+    def __init__(self, process: Any, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+
+    async def records(self) -> list[dict[str, Any]]:
+        """Its JSON log lines (the process has ended)."""
+        assert self.process.stderr is not None
+        err = (await self.process.stderr.receive(1 << 20)).decode()
+        return [json.loads(line) for line in err.splitlines() if line.strip()]
+
+
+@asynccontextmanager
+async def serving(work: Workdir, *args: str, **env: str) -> AsyncIterator[Served]:
     port = free_port()
     env = {
         **work.env,
         "PYTHONPATH": str(ROOT),
-        "DATABASE_URL": fresh_pg,
-        "AUTO_MIGRATE": "true",
         "LOG_LEVEL": "info",
         "SUPABASE_JWT_SECRET": HS_SECRET,
         "SUPABASE_URL": SUPABASE_URL,
         "OWNER_USER_IDS": ENV_OWNER,
+        **env,
     }
-    args = ["serve", "--port", str(port), "--workers", "2", "--drain-seconds", "5"]
-    args += ["--server", server]
-    process = await anyio.open_process([sys.executable, "-m", "cli", *args], cwd=work.path, env=env)
-    base = f"http://127.0.0.1:{port}"
-    owner = {"Authorization": f"Bearer {tokens.mint(ENV_OWNER, alg='HS256')}"}
+    command = [sys.executable, "-m", "cli", "serve", "--port", str(port), *args]
+    process = await anyio.open_process(command, cwd=work.path, env=env)
+    served = Served(process, port)
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=served.base, timeout=10) as client:
 
             async def ready() -> bool:
                 try:
-                    return (await client.get("/readyz")).status_code == 200
+                    return (await client.get("/readyz")).status_code in (200, 429)
                 except httpx.TransportError:
                     return False
 
             await eventually(ready, timeout=60, interval=0.2)
+        yield served
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.aclose()
+
+
+@pytest.mark.parametrize("server", cli.SERVERS)
+async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
+    work: Workdir, fresh_pg: str, tokens: Any, server: str
+):
+    args = ["--workers", "2", "--drain-seconds", "5", "--server", server]
+    owner = {"Authorization": f"Bearer {tokens.mint(ENV_OWNER, alg='HS256')}"}
+    async with serving(work, *args, DATABASE_URL=fresh_pg, AUTO_MIGRATE="true") as served:
+        process = served.process
+        async with httpx.AsyncClient(base_url=served.base, timeout=10) as client:
             listed = await client.get("/api/v1/groups", headers={**owner, "X-Request-ID": "r-1"})
             assert listed.status_code == 200
             assert listed.headers["x-request-id"] == "r-1"
@@ -348,13 +384,7 @@ async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
         with anyio.fail_after(20):
             status = await process.wait()
         assert status == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.stderr is not None
-    err = (await process.stderr.receive(1 << 20)).decode()
-    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+        records = await served.records()
     server_logger = {"uvicorn": "uvicorn.error", "granian": "_granian"}[server]
     assert {r["logger"] for r in records} >= {server_logger, "channelgate"}
     assert any(r.get("path") == "/api/v1/groups" for r in records)  # the access log
@@ -369,6 +399,76 @@ async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
     await engine.dispose()
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert revisions == [(head,)]
+
+
+def stalled(port: int, path: str, token: str) -> socket.socket:
+    """A GET whose client reads the status line, then nothing: a 4 KiB receive buffer lets
+    little more than that into the client's kernel, so a long answer backs up the server."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    request = f"GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n"
+    sock.sendall(request.encode())
+    assert sock.recv(12) == b"HTTP/1.1 200", path
+    return sock
+
+
+def cut(sock: socket.socket) -> None:
+    """Go away as a crashed client does: a reset, not a polite close."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("server", cli.SERVERS)
+async def test_served_streams_end_when_their_client_goes_away_and_proxies_are_trusted(
+    work: Workdir, tokens: Any, server: str
+):
+    """Under either server: an export or a live feed whose client vanished gives its slot back
+    at once (not after the export's 30 s stall limit), and X-Forwarded-For from the trusted
+    local proxy is the caller's address (the anonymous rate limit counts it)."""
+    token = tokens.mint(ENV_OWNER, alg="HS256")
+    owner = {"Authorization": f"Bearer {token}"}
+    limits = {"RATE_LIMIT_ANONYMOUS": "3/minute", "BOT_API_KEYS": f"envbot:{ENV_BOT_KEY}"}
+    async with (
+        serving(work, "--server", server, **limits) as served,
+        httpx.AsyncClient(base_url=served.base, timeout=10) as client,
+    ):
+        proxied = [
+            (await client.get("/healthz", headers={"X-Forwarded-For": address})).status_code
+            for address in ["203.0.113.7"] * 4 + ["203.0.113.8"]
+        ]
+        assert proxied == [200, 200, 200, 429, 200]
+
+        rows = 20_000  # a CSV of several MB: far more than the sockets buffer
+        bot = {"Authorization": f"Bearer {ENV_BOT_KEY}"}
+        for start in range(0, rows, 1000):
+            batch = [event(user_id=start + n + 1) for n in range(1000)]
+            response = await client.post(VERIFICATIONS, json={"events": batch}, headers=bot)
+            assert response.status_code == 200, response.text
+        export = "/api/v1/verifications/export"
+        first, second = stalled(served.port, export, token), stalled(served.port, export, token)
+        await anyio.sleep(1)  # long enough to end an export that is not backed up
+        assert (await client.get(export, headers=owner)).status_code == 429  # both held
+        cut(second)
+
+        async def exported() -> bool:
+            response = await client.get(export, headers=owner)
+            return response.status_code == 200 and response.text.count("\n") == rows + 1
+
+        await eventually(exported, timeout=10, interval=0.2)
+        cut(first)
+
+        feeds = [stalled(served.port, "/api/v1/events", token) for _ in range(5)]
+        assert (await client.get("/api/v1/events", headers=owner)).status_code == 429
+        for feed in feeds:
+            cut(feed)
+
+        async def subscribed() -> bool:
+            async with client.stream("GET", "/api/v1/events", headers=owner) as response:
+                return response.status_code == 200
+
+        await eventually(subscribed, timeout=10, interval=0.2)
 
 
 async def test_serve_granian_without_the_extra_is_one_line(work: Workdir, monkeypatch):
