@@ -1,6 +1,7 @@
 """The `channelgate` command: in-process through `cli.main` (fast), and as a real process for what
 only a process shows (exit status, stderr, the installed console script)."""
 
+import contextlib
 import json
 import os
 import re
@@ -338,7 +339,9 @@ async def serving(work: Workdir, *args: str, **env: str) -> AsyncIterator[Served
         **env,
     }
     command = [sys.executable, "-m", "cli", "serve", "--port", str(port), *args]
-    process = await anyio.open_process(command, cwd=work.path, env=env)
+    # A session of its own: the cleanup kills the workers too (Granian forks them, and a
+    # killed supervisor leaves them running).
+    process = await anyio.open_process(command, cwd=work.path, env=env, start_new_session=True)
     served = Served(process, port)
     try:
         async with httpx.AsyncClient(base_url=served.base, timeout=10) as client:
@@ -352,8 +355,8 @@ async def serving(work: Workdir, *args: str, **env: str) -> AsyncIterator[Served
             await eventually(ready, timeout=60, interval=0.2)
         yield served
     finally:
-        if process.returncode is None:
-            process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         await process.aclose()
 
 
