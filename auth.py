@@ -7,6 +7,7 @@ same, with the token also accepted in `?access_token=`), `Editor`, `Owner`, `Bot
 """
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
@@ -165,6 +166,7 @@ class BotKeyCache:
         self.loading.clear()
 
 
+@functools.lru_cache(maxsize=4096)  # a fleet's keys: each bot call hashed 2.7 % of its time
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 

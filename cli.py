@@ -112,14 +112,17 @@ def serve_granian(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def granian_app() -> Any:
-    """`create_app()` behind Granian's X-Forwarded-For handling (uvicorn's proxy_headers):
-    trusted from FORWARDED_ALLOW_IPS, as uvicorn reads it, by default 127.0.0.1 only."""
-    from granian.utils.proxies import wrap_asgi_with_proxy_headers
+    """`create_app()` behind uvicorn's own X-Forwarded-For handling, so that both servers
+    trust the same proxies (FORWARDED_ALLOW_IPS, as uvicorn reads it, by default 127.0.0.1)
+    alike. Not Granian's wrap_asgi_with_proxy_headers: it parses the peer's address anew on
+    every request, 7 % of the policy route's time under load (py-spy, bench/README.md);
+    uvicorn's caches what it decided per address."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
     from app import create_app
 
     trusted = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
-    return wrap_asgi_with_proxy_headers(create_app(), [h.strip() for h in trusted.split(",")])
+    return ProxyHeadersMiddleware(create_app(), trusted)  # pyrefly: ignore[bad-argument-type]
 
 
 def share_metrics_between_workers() -> None:
