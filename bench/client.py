@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import GROUP, log, scratch_database, server, setup  # noqa: E402
+from bench.run import GROUP, log, running, scratch_database, setup  # noqa: E402
 from client import Client  # noqa: E402
 
 USERS = 1000
@@ -79,7 +79,11 @@ def main() -> None:
         key = asyncio.run(setup(url))
         env = {"DATABASE_URL": url, "LOG_LEVEL": "warning", "ENVIRONMENT": "development",
                "RATE_LIMIT_BOT": ""}  # fmt: skip
-        with server("app:create_app", 8304, env) as base, tempfile.TemporaryDirectory() as tmp:
+        with (
+            running("channelgate", "uvicorn", 8304, env) as served,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            base = served.base
             hot = asyncio.run(
                 per_message(base, key, f"{tmp}/hot.sqlite3", args.messages, args.rounds)
             )

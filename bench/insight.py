@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
-from bench.run import server  # noqa: E402
+from bench.run import running  # noqa: E402
 
 SECRET = "bench-secret-bench-secret-bench-secret"
 
@@ -236,7 +236,8 @@ def main() -> None:
                 f"/api/v1/verifications?limit=50&cursor={cursor}", "log_deep", None),
         }  # fmt: skip
         results: list[tuple[str, dict[str, float], dict[str, float]]] = []
-        with server("app:create_app", 8303, env) as base:
+        with running("channelgate", "uvicorn", 8303, env) as served:
+            base = served.base
             client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"})
             for label, (path, _, _) in endpoints.items():
                 response = client.get(path)

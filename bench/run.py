@@ -10,6 +10,8 @@ bounded in time or request count.
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -21,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,26 +55,56 @@ def scratch_database(admin: str, prefix: str) -> Iterator[str]:
         subprocess.run(["psql", admin, "-qc", drop], check=False)
 
 
-@contextmanager
-def server(module: str, port: int, env: dict[str, str]):
-    """uvicorn serving `module` ("app:create_app" is called as a factory)."""
-    factory = ["--factory"] if module.endswith(":create_app") else []
-    command = [
-        sys.executable, "-m", "uvicorn", *factory, module, "--port", str(port), "--workers", "1",
-        "--loop", "uvloop", "--http", "httptools", "--log-level", "warning", "--no-access-log",
+def command(app: str, server: str, port: int) -> list[str]:
+    """One worker of channelgate (`channelgate serve`) or of the bare Starlette ceiling app,
+    under uvicorn (uvloop, httptools) or Granian (ASGI, uvloop), no access log."""
+    if app == "channelgate":
+        return [sys.executable, "-m", "cli", "serve", "--server", server, "--port", str(port)]
+    if server == "uvicorn":
+        return [
+            sys.executable, "-m", "uvicorn", "bench.ceiling:app", "--port", str(port),
+            "--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+            "--no-access-log",
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "granian", "--interface", "asgi", "--loop", "uvloop",
+        "--port", str(port), "--log-level", "warning", "--no-access-log", "bench.ceiling:app",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
+
+
+@dataclass
+class Running:
+    base: str
+    process: subprocess.Popen
+
+    def rss_mib(self) -> float:
+        """The resident memory of the server and its worker processes (Granian forks one)."""
+        pids, total = [self.process.pid], 0
+        while pids:
+            pid = pids.pop()
+            with contextlib.suppress(FileNotFoundError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # pyrefly: ignore[missing-attribute]
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    pids += [int(c) for c in (task / "children").read_text().split()]
+        return total / 1024
+
+
+@contextmanager
+def running(app: str, server: str, port: int, env: dict[str, str]) -> Iterator[Running]:
+    process = subprocess.Popen(command(app, server, port), cwd=ROOT, env={**os.environ, **env})
+    base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
+        for _ in range(300):
             try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
+                httpx.get(f"{base}/api/v1/bot/groups/{GROUP}/policy", timeout=0.5)
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        yield Running(base, process)
     finally:
         process.terminate()
-        process.wait(10)
+        process.wait(20)
 
 
 def wrk(url: str, key: str, seconds: int, connections: int) -> dict[str, float]:
@@ -112,7 +145,16 @@ def make_events(n: int, start: datetime) -> list[dict[str, Any]]:
     return events
 
 
-async def ingest_load(base: str, key: str, batches: list[bytes], clients: int) -> dict[str, float]:
+DELTAS = ("rollup_deltas", "channel_rollup_deltas", "member_count_deltas", "user_sketch_deltas")
+UNFOLDED = "SELECT " + " + ".join(f"(SELECT count(*) FROM {t})" for t in DELTAS)  # noqa: S608
+
+
+async def ingest_load(
+    base: str, key: str, batches: list[bytes], clients: int, dsn: str
+) -> dict[str, float]:
+    """`clients` concurrent bots posting `batches`; batch latencies, and the folding: the most
+    delta rows waiting during the load, and the lag from the last acknowledgement until the
+    folder has merged every delta."""
     queue = list(reversed(batches))
     latencies: list[float] = []
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -131,10 +173,33 @@ async def ingest_load(base: str, key: str, batches: list[bytes], clients: int) -
                         f"ingestion failed: {response.status_code} {response.text[:300]}"
                     )
 
+    connection = await asyncpg.connect(dsn)
+    most_unfolded = 0
+
+    async def watch() -> None:
+        nonlocal most_unfolded
+        while True:
+            most_unfolded = max(most_unfolded, await connection.fetchval(UNFOLDED))
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch())
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
-    elapsed = time.perf_counter() - started
-    return {"batch_p50_ms": statistics.median(latencies), "seconds": elapsed}
+    acknowledged = time.perf_counter()
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    while await connection.fetchval(UNFOLDED):  # noqa: ASYNC110 - polling another process
+        await asyncio.sleep(0.01)
+    lag = time.perf_counter() - acknowledged
+    await connection.close()
+    return {
+        "seconds": acknowledged - started,
+        "batch_p50_ms": statistics.median(latencies),
+        "batch_p99_ms": statistics.quantiles(latencies, n=100)[98],
+        "most_unfolded": most_unfolded,
+        "fold_lag_s": lag,
+    }
 
 
 async def driver_ceiling(dsn: str, batches: list[list[dict[str, Any]]], clients: int) -> float:
@@ -215,103 +280,151 @@ async def setup(url: str) -> str:
     return key
 
 
+PORT = 8301
+APPS = {  # label: (app, extra environment)
+    "starlette": ("starlette", {}),
+    "channelgate": ("channelgate", {}),
+    "channelgate, limiter off": ("channelgate", {"RATE_LIMIT_BOT": ""}),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated policy rounds")
     parser.add_argument("--batches", type=int, default=160, help="ingestion batches of 500")
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--limiter-rounds", type=int, default=3, help="limiter on/off pairs")
+    parser.add_argument("--clients", default="1,4,8", help="ingestion client counts")
+    parser.add_argument("--servers", default="uvicorn,granian")
     args = parser.parse_args()
+    servers = [s for s in args.servers.split(",") if s != "granian" or granian_installed()]
+    client_counts = [int(c) for c in args.clients.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     from alembic import command
 
     from db import alembic_config
 
+    results: dict[str, Any] = {"policy": {}, "ingest": {}, "driver": {}}
     with scratch_database(args.admin_url, "channelgate_bench") as dsn:
         url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
         command.upgrade(alembic_config(url), "head")
         key = asyncio.run(setup(url))
         # The bot limit counts every call but is never reached here (as in production).
-        unreached = "1000000000/second;1000000000/minute"
         env = {"DATABASE_URL": url, "LOG_LEVEL": "warning", "ENVIRONMENT": "development",
-               "RATE_LIMIT_BOT": unreached}  # fmt: skip
-        results: dict[str, Any] = {}
-        # The limiter's cost: the same server without it, alternated with it, medians.
-        runs: dict[str, list[dict[str, float]]] = {"policy": [], "policy_unlimited": []}
-        for _ in range(args.limiter_rounds):
-            for label, extra in (("policy_unlimited", {"RATE_LIMIT_BOT": ""}), ("policy", {})):
-                with server("app:create_app", 8303, {**env, **extra}) as base:
-                    url_ = f"{base}/api/v1/bot/groups/{GROUP}/policy"
-                    wrk(url_, key, 2, args.connections)  # warm-up
-                    runs[label].append(wrk(url_, key, args.seconds, args.connections))
-                    log(f"{label}: {runs[label][-1]}")
-        for label, measured in runs.items():
-            results[label] = {
+               "AUTO_MIGRATE": "false", "RATE_LIMIT_BOT": "1000000000/second",
+               "CEILING_BODY_FILE": str(RESULTS / "policy.json")}  # fmt: skip
+        policy_path = f"/api/v1/bot/groups/{GROUP}/policy"
+        with running("channelgate", "uvicorn", PORT, env) as served:
+            body = httpx.get(served.base + policy_path, headers={"Authorization": f"Bearer {key}"})
+            (RESULTS / "policy.json").write_bytes(body.content)
+        # Policy: every app under every server, rounds alternating them all so that the
+        # machine's drift hits each alike; medians.
+        runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for _ in range(args.rounds):
+            for server in servers:
+                for label, (app, extra) in APPS.items():
+                    with running(app, server, PORT, {**env, **extra}) as served:
+                        wrk(served.base + policy_path, key, 2, args.connections)  # warm-up
+                        measured = wrk(
+                            served.base + policy_path, key, args.seconds, args.connections
+                        )
+                    runs.setdefault((label, server), []).append(measured)
+                    log(f"policy, {label} on {server}: {measured}")
+        for (label, server), measured in runs.items():
+            results["policy"][label, server] = {
                 k: statistics.median(m[k] for m in measured) for k in ("rps", "p50_ms", "p99_ms")
             }
-        with server("app:create_app", 8301, env) as base:
-            policy_url = f"{base}/api/v1/bot/groups/{GROUP}/policy"
-            body = httpx.get(policy_url, headers={"Authorization": f"Bearer {key}"}).content
-            (RESULTS / "policy.json").write_bytes(body)
-            log(f"policy body: {len(body)} bytes")
-
-            start = datetime.now(UTC) - timedelta(hours=1)
-            events = make_events(args.batches * 500, start)
-            batches = [events[i : i + 500] for i in range(0, len(events), 500)]
-            warm = [json.dumps({"events": b}).encode() for b in make_events_batches(4)]
-            asyncio.run(ingest_load(base, key, warm, args.clients))
-            bodies = [json.dumps({"events": b}).encode() for b in batches]
-            load = asyncio.run(ingest_load(base, key, bodies, args.clients))
-            results["ingest"] = {
-                "events_per_s": len(events) / load["seconds"],
-                "batch_p50_ms": load["batch_p50_ms"],
-            }
-            log(f"ingest: {results['ingest']}")
-        ceiling_env = {"CEILING_BODY_FILE": str(RESULTS / "policy.json")}
-        with server("bench.ceiling:app", 8302, ceiling_env) as base:
-            ceiling_url = f"{base}/api/v1/bot/groups/{GROUP}/policy"
-            wrk(ceiling_url, key, 2, args.connections)
-            results["ceiling"] = wrk(ceiling_url, key, args.seconds, args.connections)
-            log(f"ceiling: {results['ceiling']}")
-        driver_events = make_events(args.batches * 500, start)
-        driver_batches = [driver_events[i : i + 500] for i in range(0, len(driver_events), 500)]
-        seconds = asyncio.run(driver_ceiling(dsn, driver_batches, args.clients))
-        results["driver"] = {"events_per_s": len(driver_events) / seconds}
-        log(f"driver: {results['driver']}")
-    report(results, args)
+        # Ingestion: under each server, 1, 4 and 8 bots, fresh events each time.
+        start = datetime.now(UTC) - timedelta(hours=1)
+        for server in servers:
+            with running("channelgate", server, PORT, env) as served:
+                warm = [json.dumps({"events": b}).encode() for b in batches_of(8, start)]
+                asyncio.run(ingest_load(served.base, key, warm, 4, dsn))
+                rss = [served.rss_mib()]
+                for clients in client_counts:
+                    bodies = [
+                        json.dumps({"events": b}).encode() for b in batches_of(args.batches, start)
+                    ]
+                    load = asyncio.run(ingest_load(served.base, key, bodies, clients, dsn))
+                    rss.append(served.rss_mib())
+                    load["events_per_s"] = args.batches * 500 / load["seconds"]
+                    load["rss_mib"] = rss[-1]
+                    results["ingest"][server, clients] = load
+                    log(f"ingest on {server}, {clients} clients: {load}")
+                results["ingest"][server, "rss_after_warm_up"] = rss[0]
+        for clients in client_counts:
+            seconds = asyncio.run(driver_ceiling(dsn, batches_of(args.batches, start), clients))
+            results["driver"][clients] = args.batches * 500 / seconds
+            log(f"driver, {clients} clients: {results['driver'][clients]:,.0f} events/s")
+    report(results, args, servers, client_counts)
 
 
-def make_events_batches(n: int) -> list[list[dict[str, Any]]]:
-    events = make_events(n * 500, datetime.now(UTC) - timedelta(hours=2))
+def granian_installed() -> bool:
+    return importlib.util.find_spec("granian") is not None
+
+
+def batches_of(n: int, start: datetime) -> list[list[dict[str, Any]]]:
+    events = make_events(n * 500, start)
     return [events[i : i + 500] for i in range(0, len(events), 500)]
 
 
-def report(results: dict[str, Any], args: argparse.Namespace) -> None:
-    policy, ceiling = results["policy"], results["ceiling"]
-    ingest, driver = results["ingest"], results["driver"]
+def report(
+    results: dict[str, Any], args: argparse.Namespace, servers: list[str], client_counts: list[int]
+) -> None:
+    policy, ingest, driver = results["policy"], results["ingest"], results["driver"]
     lines = [
         f"# bench/run.py — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
-        f"policy: wrk -t1 -c{args.connections} -d{args.seconds}s, medians of {args.limiter_rounds} "
-        f"alternated runs with and without the limiter; ingestion: {args.batches} "
-        f"batches of 500 from {args.clients} clients",
+        f"Python {platform.python_version()}; one worker per server",
+        f"policy: wrk -t1 -c{args.connections} -d{args.seconds}s, medians of {args.rounds} "
+        f"rounds alternating every app under every server",
         "",
-        "| measure | channelgate | ceiling | ratio |",
-        "|---|---|---|---|",
-        f"| policy GET, requests/s | {policy['rps']:,.0f} | {ceiling['rps']:,.0f} (bare Starlette) "
-        f"| {policy['rps'] / ceiling['rps']:.2f} |",
-        f"| policy GET, p50 ms | {policy['p50_ms']:.2f} | {ceiling['p50_ms']:.2f} | |",
-        f"| policy GET, p99 ms | {policy['p99_ms']:.2f} | {ceiling['p99_ms']:.2f} | |",
-        f"| policy GET with the rate limiter, requests/s | {policy['rps']:,.0f} | "
-        f"{results['policy_unlimited']['rps']:,.0f} (limiter off) | "
-        f"{policy['rps'] / results['policy_unlimited']['rps']:.3f} |",
-        f"| ingestion, events/s | {ingest['events_per_s']:,.0f} | {driver['events_per_s']:,.0f} "
-        f"(asyncpg executemany) | {ingest['events_per_s'] / driver['events_per_s']:.2f} |",
-        f"| ingestion, p50 ms per 500-event batch | {ingest['batch_p50_ms']:.1f} | | |",
+        "| policy GET | server | requests/s | p50 ms | p99 ms | ÷ Starlette, same server |",
+        "|---|---|---|---|---|---|",
+    ]
+    for server in servers:
+        bare = policy["starlette", server]["rps"]
+        for label in APPS:
+            m = policy[label, server]
+            lines.append(
+                f"| {label} | {server} | {m['rps']:,.0f} | {m['p50_ms']:.2f} | "
+                f"{m['p99_ms']:.2f} | {m['rps'] / bare:.2f} |"
+            )
+    if "granian" in servers:
+        cg_u, cg_g = (
+            policy["channelgate", "uvicorn"]["rps"],
+            policy["channelgate", "granian"]["rps"],
+        )
+        lines += [
+            "",
+            f"channelgate on Granian ÷ on uvicorn: **{cg_g / cg_u:.2f}**; "
+            f"÷ bare Starlette on uvicorn: **{cg_g / policy['starlette', 'uvicorn']['rps']:.2f}**",
+        ]
+    lines += [
+        "",
+        f"ingestion: {args.batches} batches of 500 per run, fresh events each run; driver: "
+        "asyncpg `executemany` of the same rows into the raw log, as many connections",
+        "",
+        "| ingestion | clients | events/s | ÷ driver | batch p50 ms | batch p99 ms "
+        "| RSS MiB after | most unfolded deltas | fold lag s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for server in servers:
+        for clients in client_counts:
+            m = ingest[server, clients]
+            lines.append(
+                f"| {server} | {clients} | {m['events_per_s']:,.0f} | "
+                f"{m['events_per_s'] / driver[clients]:.2f} | {m['batch_p50_ms']:.1f} | "
+                f"{m['batch_p99_ms']:.1f} | {m['rss_mib']:.0f} | {m['most_unfolded']:,} | "
+                f"{m['fold_lag_s']:.2f} |"
+            )
+    for clients in client_counts:
+        lines.append(f"| driver | {clients} | {driver[clients]:,.0f} | | | | | | |")
+    lines += [""] + [
+        f"RSS after the warm-up under {server}: {ingest[server, 'rss_after_warm_up']:.0f} MiB"
+        for server in servers
     ]
     text = "\n".join(lines) + "\n"
     (RESULTS / "latest.md").write_text(text)
