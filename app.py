@@ -53,6 +53,10 @@ access_log = logging.getLogger("channelgate.access")
 BODY_LIMIT = 1024 * 1024
 BULK_BODY_LIMIT = 8 * 1024 * 1024
 BULK_PATHS = frozenset({"/api/v1/bot/verifications"})
+# An answer given before the body was read (a 413, 401, 404...) first reads and drops the
+# rest of it, up to this much in all and for at most this long (Replay.drain).
+DRAIN_LIMIT = 2 * BULK_BODY_LIMIT
+DRAIN_SECONDS = 5.0
 REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -300,14 +304,15 @@ class Replay:
     """The request's `receive`, keeping what the app read so that a replay reads it again,
     and counting body bytes against `limit` (413 past it)."""
 
-    __slots__ = ("limit", "read", "received", "replayed", "source")
+    __slots__ = ("limit", "more", "read", "received", "replayed", "source")
 
-    def __init__(self, source: Receive) -> None:
+    def __init__(self, source: Receive, more: bool) -> None:
         self.source = source
         self.limit: int | None = None
         self.read: list[Message] = []
         self.replayed = 0
         self.received = 0
+        self.more = more  # whether the client has body left to send
 
     async def receive(self) -> Message:
         if self.replayed < len(self.read):
@@ -318,9 +323,25 @@ class Replay:
             self.read.append(message)
             self.replayed += 1
             self.received += len(message.get("body", b""))
+            self.more = message.get("more_body", False)
             if self.limit is not None and self.received > self.limit:
                 raise BodyTooLarge(self.limit)
+        else:
+            self.more = False
         return message
+
+    async def drain(self) -> None:
+        """Read and drop the body left unread, as nginx's lingering close does: a client sends
+        its whole body before it reads the answer, and a socket closed with unread data in it
+        is reset, so the client would see a reset, not the answer (Granian closes at once;
+        uvicorn reads on by itself). Bounded in bytes and time; past either, the reset."""
+        self.more = False
+        with anyio.move_on_after(DRAIN_SECONDS):
+            while self.received < DRAIN_LIMIT:
+                message = await self.source()
+                self.received += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
 
     def rewind(self) -> None:
         self.replayed = 0
@@ -370,10 +391,13 @@ class Gate:
         else:
             security_headers = API_HEADERS
         extra_headers = [(b"x-request-id", request_id.encode()), *security_headers]
+        replay = Replay(receive, more=(length is not None and length != b"0") or chunked)
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status, streamed
             if message["type"] == "http.response.start":
+                if replay.more:
+                    await replay.drain()
                 headers = message.get("headers", ())
                 status = message["status"]
                 if self.metrics is not None:
@@ -399,7 +423,6 @@ class Gate:
             await send({"type": "http.response.body", "body": body})
 
         limit = BULK_BODY_LIMIT if path in BULK_PATHS else BODY_LIMIT
-        replay = Replay(receive)
         try:
             if self.limiter is not None and not path.startswith("/api/"):
                 # Everything outside /api/ answers without credentials: limited per address.
@@ -408,13 +431,14 @@ class Gate:
                 except TooManyRequests as refusal:
                     await reject(429, str(refusal.detail), "rate-limited", refusal.headers)
                     return
-            if (length is not None and length != b"0") or chunked:
+            if replay.more:
                 if scope["method"] in ("POST", "PUT", "PATCH"):
                     media = (content_type or b"").split(b";")[0].strip().lower()
                     if media != b"application/json" and not media.endswith(b"+json"):
                         await reject(415, "request bodies must be application/json", "not-json")
                         return
                 if length is not None and (not length.isdigit() or int(length) > limit):
+                    replay.more = length.isdigit() and int(length) <= DRAIN_LIMIT
                     await reject(413, f"the body exceeds {limit} bytes", "too-large")
                     return
                 replay.limit = limit

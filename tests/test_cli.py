@@ -372,12 +372,21 @@ async def test_serve_two_workers_migrates_once_logs_json_and_drains_on_sigterm(
             listed = await client.get("/api/v1/groups", headers={**owner, "X-Request-ID": "r-1"})
             assert listed.status_code == 200
             assert listed.headers["x-request-id"] == "r-1"
-            too_big = await client.post(
-                "/api/v1/bot/events",
-                content=b"[" + b" " * (3 << 20) + b"]",
-                headers={"Content-Type": "application/json"},
-            )
-            assert too_big.status_code == 413, too_big.text
+
+            # A client sends its whole body before it reads: over the limit, declared or
+            # streamed (chunked), or to no route at all, it gets its answer, never a reset.
+            async def chunks() -> AsyncIterator[bytes]:
+                for _ in range(48):
+                    yield b" " * 65536
+
+            json_ = {"Content-Type": "application/json"}
+            for path, body, headers, status in [
+                ("/api/v1/groups", b"[" + b" " * (3 << 20) + b"]", json_, 413),
+                ("/api/v1/groups", chunks(), {**json_, **owner}, 413),
+                ("/api/v1/nowhere", chunks(), json_, 404),
+            ]:
+                answer = await client.post(path, content=body, headers=headers)
+                assert answer.status_code == status, answer.text
             async with client.stream("GET", "/api/v1/events", headers=owner) as stream:
                 lines = stream.aiter_lines()
                 assert await anext(lines) == "retry: 3000"
