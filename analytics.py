@@ -8,6 +8,7 @@ day in hours. Unique users come from DataSketches HLL sketches kept at the same 
 
 import asyncio
 import bisect
+import contextlib
 import functools
 import logging
 import math
@@ -380,11 +381,13 @@ async def fold_everything(db: Database) -> int:
             return total
 
 
-async def folder(db: Database, every: float) -> None:
+async def folder(db: Database, every: float, stopping: asyncio.Event) -> None:
     """The background folder of one process: a pass every `every` seconds, another at once
-    after a full one. Any replica's folder may fold any replica's deltas; the lock lets one
-    fold at a time. A failed pass rolls back whole and is tried again at the next."""
-    while True:
+    after a full one, until `stopping` is set (between passes: a pass cancelled mid-commit
+    can leave an SQLite connection holding the write lock). Any replica's folder may fold
+    any replica's deltas; the lock lets one fold at a time. A failed pass rolls back whole
+    and is tried again at the next."""
+    while not stopping.is_set():
         folded = 0
         try:
             async with db.sessionmaker() as session:
@@ -396,7 +399,9 @@ async def folder(db: Database, every: float) -> None:
                 log.exception("folding rollup deltas failed")
             else:
                 log.warning("folding rollup deltas: database unavailable (%s)", error)
-        await asyncio.sleep(0 if folded >= FOLD_ROWS else every)
+        if folded < FOLD_ROWS:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), every)
 
 
 async def move_rollups(session: AsyncSession, old: int, new: int) -> None:

@@ -57,6 +57,7 @@ BULK_PATHS = frozenset({"/api/v1/bot/verifications"})
 # rest of it, up to this much in all and for at most this long (Replay.drain).
 DRAIN_LIMIT = 2 * BULK_BODY_LIMIT
 DRAIN_SECONDS = 5.0
+FOLD_STOP_SECONDS = 5.0  # how long a stopping app waits for the folder's pass in flight
 REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -90,6 +91,7 @@ class Services:
     limiter: Limiter
     listener: asyncio.Task[None] | None = field(default=None)
     folder: asyncio.Task[None] | None = field(default=None)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
@@ -122,7 +124,7 @@ class Services:
             )
             self.listener = asyncio.create_task(self.db.listener.run(), name="channelgate-listener")
         self.folder = asyncio.create_task(
-            analytics.folder(self.db, self.settings.fold_interval_seconds),
+            analytics.folder(self.db, self.settings.fold_interval_seconds, self.stopping),
             name="channelgate-folder",
         )
         drain_on_signal(self.feed)
@@ -139,11 +141,14 @@ class Services:
     async def stop(self) -> None:
         self.feed.drain()
         DRAINING.discard(self.feed)
-        for task in (self.listener, self.folder):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        self.stopping.set()
+        if self.folder is not None and not self.folder.done():  # after its pass in flight
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.folder, FOLD_STOP_SECONDS)
+        if self.listener is not None:
+            self.listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.listener
         await self.limiter.stop()
         await self.http.aclose()
         await self.db.dispose()
