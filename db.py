@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ NOTIFY_MANY = text(
 Handler = Callable[[list[str]], None]
 
 
-def make_engine(settings: Settings) -> AsyncEngine:
+def make_engine(settings: Settings, url: str = "", name: str = "channelgate") -> AsyncEngine:
+    """The engine for `url` (default DATABASE_URL), its connections named `name` on the
+    server (pg_stat_activity's application_name)."""
     if settings.is_sqlite:
         # One connection: SQLite has a single writer, and queueing requests for the connection
         # is simpler and faster than retrying "database is locked".
@@ -99,7 +102,7 @@ def make_engine(settings: Settings) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     pooled = settings.database_pool_mode == "transaction"
-    connect = connector(settings.database_url, settings, pooled)
+    connect = connector(url or settings.database_url, settings, pooled, name)
     engine = create_async_engine(
         "postgresql+channelgate://",
         # SQLAlchemy's async_creator cannot pass the adapter's own arguments; this is its
@@ -173,7 +176,9 @@ def asyncpg_dsn(url: str) -> tuple[str, float | None]:
     return dsn, float(str(timeout)) if timeout else None
 
 
-def connector(url: str, settings: Settings, pooled: bool) -> Callable[[], Awaitable[Any]]:
+def connector(
+    url: str, settings: Settings, pooled: bool, name: str = "channelgate"
+) -> Callable[[], Awaitable[Any]]:
     """An async function that opens one asyncpg connection with every wait bounded: the
     connect, each command (client side), and each statement and lock wait (server side)."""
     import asyncpg
@@ -192,7 +197,7 @@ def connector(url: str, settings: Settings, pooled: bool) -> Callable[[], Awaita
                 timeout=url_timeout or settings.database_connect_timeout,
                 command_timeout=settings.database_command_timeout,
                 statement_cache_size=0 if pooled else 100,
-                server_settings={"application_name": "channelgate"},
+                server_settings={"application_name": name},
             )
         except (OSError, TimeoutError) as exc:
             raise Unreachable(f"cannot connect to PostgreSQL: {exc!r}") from exc
@@ -290,12 +295,23 @@ class Database:
         event.listen(sync_maker, "before_commit", self._notify)
         event.listen(sync_maker, "after_commit", self._deliver_here)
         event.listen(sync_maker, "after_rollback", _forget)
+        read_maker = sessionmaker()  # reads announce nothing
         if settings.database_pool_mode == "transaction" and self.is_postgres:
             timeouts = server_timeouts(settings)
-            event.listen(sync_maker, "after_begin", lambda *args: _bounded(args[2], timeouts))
+            for maker in (sync_maker, read_maker):
+                event.listen(maker, "after_begin", lambda *args: _bounded(args[2], timeouts))
         self.sessionmaker = async_sessionmaker(
             self.engine, expire_on_commit=False, sync_session_class=sync_maker
         )
+        # DATABASE_READ_URL: a replica for the dashboard's reads (see `reading`).
+        self.read_engine: AsyncEngine | None = None
+        self.read_sessionmaker: async_sessionmaker[AsyncSession] | None = None
+        self.replica_skipped_until = 0.0  # after the replica failed: the primary meanwhile
+        if settings.database_read_url:
+            self.read_engine = make_engine(settings, settings.database_read_url, READ_NAME)
+            self.read_sessionmaker = async_sessionmaker(
+                self.read_engine, expire_on_commit=False, sync_session_class=read_maker
+            )
 
     def on(self, topic: str, handler: Handler) -> None:
         self.handlers[topic] = handler
@@ -325,8 +341,66 @@ class Database:
             if (handler := self.handlers.get(topic)) is not None:
                 handler(items)
 
+    @contextlib.asynccontextmanager
+    async def reading(self, primary: AsyncSession | None = None) -> AsyncIterator[AsyncSession]:
+        """A session for a dashboard read. With a replica (DATABASE_READ_URL): the replica's,
+        once it has replayed everything the primary had committed when the read began, so
+        the read sees every write acknowledged before it (analytics read their writes);
+        the primary's when the replica lags more than READ_WAIT_SECONDS, and for
+        REPLICA_BACKOFF_SECONDS after it was unavailable (a black-holed replica would cost
+        every read its connect timeout). `primary`, the request's own session if it has
+        one, asks the primary's position."""
+        if self.read_sessionmaker is not None and time.monotonic() >= self.replica_skipped_until:
+            async with self.on_primary(primary) as session:
+                position = await session.scalar(PRIMARY_POSITION)
+            async with self.read_sessionmaker() as replica:
+                try:
+                    caught_up = await _caught_up(replica, position)
+                except Exception as error:
+                    if failure(error) != "unavailable":
+                        raise
+                    log.warning("replica unavailable, reading the primary: %r", error)
+                    self.replica_skipped_until = time.monotonic() + REPLICA_BACKOFF_SECONDS
+                    caught_up = False
+                if caught_up:
+                    yield replica
+                    return
+        async with self.on_primary(primary) as session:
+            yield session
+
+    @contextlib.asynccontextmanager
+    async def on_primary(self, session: AsyncSession | None) -> AsyncIterator[AsyncSession]:
+        """`session` itself, or a new session on the primary when it is None."""
+        if session is not None:
+            yield session
+        else:
+            async with self.sessionmaker() as new:
+                yield new
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not None:
+            await self.read_engine.dispose()
+
+
+READ_NAME = "channelgate-read"
+READ_WAIT_SECONDS = 1.0  # how long a read waits for the replica to catch up
+REPLICA_BACKOFF_SECONDS = 5.0
+PRIMARY_POSITION = text("SELECT pg_current_wal_lsn()")
+# NULL, so not behind, on a server that is not a standby (a second URL of the primary).
+REPLICA_BEHIND = text("SELECT pg_last_wal_replay_lsn() < CAST(:position AS pg_lsn)")
+
+
+async def _caught_up(replica: AsyncSession, position: str) -> bool:
+    """Whether the replica has replayed the primary's WAL up to `position`, waiting for it
+    up to READ_WAIT_SECONDS."""
+    deadline = time.monotonic() + READ_WAIT_SECONDS
+    while await replica.scalar(REPLICA_BEHIND, {"position": position}):
+        if time.monotonic() >= deadline:
+            log.warning("replica over %.1f s behind: reading the primary", READ_WAIT_SECONDS)
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 BOUND_TRANSACTION = text(
@@ -379,6 +453,18 @@ async def get_session(connection: HTTPConnection) -> AsyncIterator[AsyncSession]
 # Closed as soon as the endpoint returns, before the response is sent: a slow client, a CSV
 # export or a live feed never holds a connection for the request (the stream opens its own).
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def get_read_session(
+    connection: HTTPConnection, session: SessionDep
+) -> AsyncIterator[AsyncSession]:
+    """The replica's session for a dashboard read (Database.reading), or the request's own
+    when there is none: on SQLite a second session would wait for the one connection."""
+    async with database(connection).reading(session) as read:
+        yield read
+
+
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session, scope="function")]
 
 
 # ---------------------------------------------------------------- migrations

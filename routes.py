@@ -61,6 +61,7 @@ from db import (
     INT64_MIN,
     Keyset,
     PageQuery,
+    ReadSessionDep,
     SessionDep,
     announce,
     count,
@@ -748,7 +749,7 @@ LOG_ORDER = Keyset(
 
 @dashboard.get("/verifications", response_model=Page[VerificationPublic], tags=["verifications"])
 async def list_verifications(
-    session: SessionDep, filters: VerificationFilters, page: PageQuery
+    session: ReadSessionDep, filters: VerificationFilters, page: PageQuery
 ) -> Page[VerificationPublic]:
     """The verification log, newest first."""
     statement = select(Verification).where(*filters)
@@ -847,7 +848,7 @@ async def export_verifications(
             if after is not None:
                 statement = statement.where(LOG_ORDER.where_after(after))
             statement = statement.order_by(*LOG_ORDER.order()).limit(EXPORT_PAGE)
-            async with db.sessionmaker() as page_session:
+            async with db.reading() as page_session:
                 rows = list(await page_session.scalars(statement))
             for row in rows:
                 writer.writerow(csv_row(row))
@@ -874,7 +875,7 @@ async def export_verifications(
 
 @dashboard.get("/analytics/summary", response_model=AnalyticsSummary, tags=["analytics"])
 async def analytics_summary(
-    session: SessionDep, since: Since = None, until: Until = None, group: GroupQuery = None
+    session: ReadSessionDep, since: Since = None, until: Until = None, group: GroupQuery = None
 ) -> AnalyticsSummary:
     """Totals over a window (default: the last 7 days)."""
     window = Window.of(since, until)
@@ -907,7 +908,7 @@ MAX_POINTS = 2000
 
 @dashboard.get("/analytics/timeseries", response_model=Timeseries, tags=["analytics"])
 async def analytics_timeseries(
-    session: SessionDep,
+    session: ReadSessionDep,
     bucket: Literal["hour", "day"] = "hour",
     since: Since = None,
     until: Until = None,
@@ -927,7 +928,7 @@ async def analytics_timeseries(
 
 @dashboard.get("/analytics/top-groups", response_model=TopGroups, tags=["analytics"])
 async def analytics_top_groups(
-    session: SessionDep,
+    session: ReadSessionDep,
     since: Since = None,
     until: Until = None,
     limit: Annotated[int, Query(ge=1, le=50)] = 10,
@@ -951,7 +952,7 @@ async def analytics_top_groups(
 
 @dashboard.get("/analytics/channels", response_model=ChannelBlocksList, tags=["analytics"])
 async def analytics_channels(
-    session: SessionDep, since: Since = None, until: Until = None, group: GroupQuery = None
+    session: ReadSessionDep, since: Since = None, until: Until = None, group: GroupQuery = None
 ) -> ChannelBlocksList:
     """Which required channels users were missing when blocked, most first."""
     window = Window.of(since, until)
@@ -996,7 +997,7 @@ AUDIT_ORDER = Keyset("audit:-at", (col(AuditLog.at), col(AuditLog.id)), descendi
 
 @dashboard.get("/audit", response_model=Page[AuditPublic], tags=["audit"])
 async def list_audit(
-    session: SessionDep,
+    session: ReadSessionDep,
     _: Owner,
     page: PageQuery,
     actor: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,

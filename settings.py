@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # A session connection for LISTEN when DATABASE_URL is a transaction pooler (Supavisor
     # port 6543, PgBouncer pool_mode=transaction); default: DATABASE_URL itself.
     database_listen_url: str = ""
+    # A replica (or any second URL) for the dashboard's reads: log, export, analytics, audit.
+    database_read_url: str = ""
     # "transaction": DATABASE_URL is a transaction pooler: no server-side prepared
     # statements survive there, and the timeouts are set per transaction.
     database_pool_mode: Literal["session", "transaction"] = "session"
@@ -110,7 +112,7 @@ class Settings(BaseSettings):
     # of the rollup tables behind the log; reads count unfolded deltas either way).
     fold_interval_seconds: float = Field(default=0.5, gt=0, le=60)
 
-    @field_validator("database_url", "database_listen_url")
+    @field_validator("database_url", "database_listen_url", "database_read_url")
     @classmethod
     def _asyncpg_driver(cls, url: str) -> str:
         return asyncpg_url(url)
@@ -142,6 +144,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "DATABASE_POOL_MODE=transaction needs DATABASE_LISTEN_URL: LISTEN needs a "
                 "session connection (Supabase: the direct or session-pooler URL)"
+            )
+        if self.database_read_url and (
+            self.is_sqlite or not self.database_read_url.startswith("postgresql")
+        ):
+            raise ValueError(
+                "DATABASE_READ_URL is a PostgreSQL replica's URL, beside a PostgreSQL "
+                "DATABASE_URL (its primary)"
             )
         if self.database_statement_timeout >= self.database_command_timeout:
             raise ValueError(

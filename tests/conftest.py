@@ -18,7 +18,7 @@ import pytest
 from alembic import command
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi import FastAPI
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from analytics import FOLD_LOCK
@@ -273,6 +273,28 @@ async def replica(
         yield harness
         return
     async for other in start_harness(database_url, jwks_server.url, tokens):
+        yield other
+
+
+@pytest.fixture(params=["up", "down"], ids=["read-url-up", "read-url-down"])
+async def reader(
+    request: pytest.FixtureRequest,
+    harness: Harness,
+    database_url: str,
+    jwks_server: JWKSServer,
+    tokens: Tokens,
+) -> AsyncIterator[Harness]:
+    """Another replica whose dashboard reads go to DATABASE_READ_URL: the harness's own
+    server under a second URL ("up"), or an address that refuses connections ("down": the
+    reads fall back to the primary). PostgreSQL only, as DATABASE_READ_URL is."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("DATABASE_READ_URL is a PostgreSQL replica's")
+    read_url = database_url
+    if request.param == "down":
+        read_url = make_url(database_url).set(port=1).render_as_string(hide_password=False)
+    async for other in start_harness(
+        database_url, jwks_server.url, tokens, database_read_url=read_url
+    ):
         yield other
 
 

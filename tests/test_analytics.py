@@ -18,13 +18,13 @@ import anyio
 import httpx
 import numpy as np
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 
 import analytics
 import cli
 from models import LATENCY_EDGES_MS, rollup_deltas, user_sketches
 from settings import get_settings
-from tests.conftest import Harness, problem
+from tests.conftest import ENV_OWNER, Harness, problem
 from tests.factories import (
     CHANNEL_ID,
     GROUP_ID,
@@ -952,3 +952,53 @@ async def test_seed_demo_goes_through_ingestion_and_leaves_nothing_unfolded(
         until=datetime.now(UTC) + HOUR,
     )  # fmt: skip
     assert summary["checks"] == 1200 and summary["active_groups"] == 3
+
+
+async def test_reads_through_the_read_url_see_every_acknowledged_write(
+    harness: Harness, reader: Harness, bot, viewer, request: pytest.FixtureRequest
+):
+    """DATABASE_READ_URL: the dashboard's reads on another replica (analytics, the log, its
+    export, the audit log) see every write acknowledged before them, whether they go to the
+    read URL or, when it refuses connections, fall back to the primary."""
+    owner = harness.auth(ENV_OWNER)
+    t0 = floor_hour(datetime.now(UTC)) - 2 * HOUR
+    window = {"since": t0, "until": t0 + 3 * HOUR}
+    sent: list[dict] = []
+    for i in range(4):
+        batch = [
+            event(
+                GROUPS[j % 2], user_id=1 + 10 * i + j, at=t0 + timedelta(minutes=10 * i + j),
+                result="blocked" if j % 3 == 0 else "passed",
+            )
+            for j in range(10)
+        ]  # fmt: skip
+        await post_events(harness.client, bot, batch)
+        sent += batch
+        summary = await ok(reader.client, viewer, "summary", **window)
+        assert (summary["checks"], summary["unique_users"]) == (len(sent), len(sent))
+        series = await ok(reader.client, viewer, "timeseries", **window)
+        assert sum(p["checks"] for p in series["points"]) == len(sent)
+        top = await ok(reader.client, viewer, "top-groups", **window)
+        assert sum(g["checks"] for g in top["items"]) == len(sent)
+        channels = await ok(reader.client, viewer, "channels", **window)
+        blocked = sum(e["result"] == "blocked" for e in sent)
+        assert sum(c["blocks"] for c in channels["items"]) == blocked
+        log = await reader.client.get("/api/v1/verifications?limit=200", headers=viewer)
+        assert len(log.json()["items"]) == len(sent)
+        export = await reader.client.get("/api/v1/verifications/export", headers=viewer)
+        assert export.text.count("\n") == len(sent) + 1
+
+    created = await harness.client.post("/api/v1/bot-keys", json={"name": "r"}, headers=owner)
+    assert created.status_code == 201, created.text
+    audit = await reader.client.get("/api/v1/audit", headers=owner)
+    assert audit.status_code == 200, audit.text
+    assert audit.json()["items"][0]["resource_id"] == str(created.json()["id"])
+
+    async with harness.sessionmaker() as session:
+        reading = await session.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = 'channelgate-read' AND datname = current_database()"
+            )
+        )
+    assert bool(reading) == (request.node.callspec.params["reader"] == "up")

@@ -452,6 +452,13 @@ async def test_database_settings_that_cannot_work_are_refused(env):
     assert ok.listen_url == "postgresql+asyncpg://u@pooler.example:5432/postgres"
     with pytest.raises(ValidationError, match="must be below DATABASE_COMMAND_TIMEOUT"):
         settings(database_statement_timeout=5, database_command_timeout=5)
+    replica = "postgres://u@replica.example:5432/postgres"
+    with pytest.raises(ValidationError, match="DATABASE_READ_URL is a PostgreSQL replica's"):
+        settings(database_read_url=replica)  # beside the default SQLite
+    with pytest.raises(ValidationError, match="DATABASE_READ_URL is a PostgreSQL replica's"):
+        settings(database_url=pooler, database_read_url="sqlite+aiosqlite:///r.db")
+    read = settings(database_url="postgresql://u@primary.example/p", database_read_url=replica)
+    assert read.database_read_url == "postgresql+asyncpg://u@replica.example:5432/postgres"
 
 
 @pytest.mark.parametrize(
