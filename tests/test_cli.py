@@ -452,10 +452,14 @@ async def test_served_streams_end_when_their_client_goes_away_and_proxies_are_tr
         ]
         assert proxied == [200, 200, 200, 429, 200]
 
-        rows = 20_000  # a CSV of several MB: far more than the sockets buffer
+        # A CSV of ~7 MB: more than both sockets buffer (the server's send buffer grows up
+        # to net.ipv4.tcp_wmem's 4 MiB), so a stalled client holds its export.
+        rows = 20_000
         bot = {"Authorization": f"Bearer {ENV_BOT_KEY}"}
         for start in range(0, rows, 1000):
-            batch = [event(user_id=start + n + 1) for n in range(1000)]
+            batch = [
+                event(user_id=start + n + 1, result="error", error="e" * 200) for n in range(1000)
+            ]
             response = await client.post(VERIFICATIONS, json={"events": batch}, headers=bot)
             assert response.status_code == 200, response.text
         export = "/api/v1/verifications/export"
