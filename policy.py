@@ -5,11 +5,13 @@ changes: a write says so with `changed(session, chat_id)` inside its transaction
 commit hooks drop the entry here at once and on every replica through NOTIFY (see db.py).
 A generation counter keeps a read that raced a change from caching what it read.
 
-`endpoint` serves `GET /api/v1/bot/groups/{chat_id}/policy` as a bare ASGI route mounted
-ahead of its documented FastAPI twin: dependency solving, Request objects and route
-matching were most of the hot path's cost (measured in bench/README.md).
+`Endpoint` serves `GET /api/v1/bot/groups/{chat_id}/policy` as a bare ASGI app that
+app.App calls before FastAPI's own stack (its documented FastAPI twin is never reached):
+dependency solving, Request objects, route matching and the layers around the routes were
+most of the hot path's cost (measured in bench/README.md).
 """
 
+import re
 import time
 
 from fastapi import HTTPException
@@ -36,6 +38,7 @@ from models import (
 MAX_ENTRIES = 100_000
 UNLINKED_TRUST = 1.0  # seconds an entry is trusted while this replica cannot hear the others
 PATH = "/api/v1/bot/groups/{chat_id}/policy"
+PATH_RE = re.compile(r"/api/v1/bot/groups/([^/]+)/policy")  # as Starlette matches PATH
 
 Entry = tuple[bytes, str] | None  # (serialized policy, ETag), or None for "no such group"
 
@@ -155,7 +158,7 @@ JSON_TYPE = (b"content-type", b"application/json")
 
 class Endpoint:
     """The whole hot path as an ASGI app: bot key, cached policy, 304 or 200. Errors are
-    raised to the app's problem+json handlers."""
+    raised, for the app's problem+json handlers; `path_params` holds the raw chat id."""
 
     def __init__(self, auth: AuthState, cache: Policies) -> None:
         self.auth = auth
@@ -191,14 +194,9 @@ class Endpoint:
         await send({"type": "http.response.body", "body": body})
 
 
-def route(auth: AuthState, cache: Policies) -> Route:
-    """The bare route, mounted ahead of the documented FastAPI twin."""
-    return Endpoint(auth, cache).route
-
-
 class Answer(Response):
-    """What the documented FastAPI twin returns: the same hot path, so the twin (only ever
-    reached if the bare route were not mounted) cannot drift from it."""
+    """What the documented FastAPI twin returns: the same hot path, so the twin (reached
+    only if app.App did not serve the path first) cannot drift from it."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1239,7 +1239,7 @@ NOT_MODIFIED = {304: {"description": "Not modified (If-None-Match)"}}
 )  # fmt: skip
 async def read_policy() -> Response:
     """The policy for one group: the hot path, called for every message."""
-    return policy.Answer()  # the documented twin of policy.route (mounted ahead of it)
+    return policy.Answer()  # the documented twin of policy.Endpoint (app.App serves first)
 
 
 # ---------------------------------------------------------------- bot: registration, links
