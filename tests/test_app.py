@@ -242,6 +242,18 @@ async def test_cors_exposes_headers_on_actual_requests(cors: Harness):
     assert "etag" in exposed and "x-request-id" in exposed
 
 
+@pytest.mark.parametrize("path", ["/api/v1/groups", "/api/v1/bot/groups/-1001234567890/policy"])
+async def test_cors_headers_on_every_route_and_error(cors: Harness, path: str):
+    """The policy route, served before FastAPI's stack (app.App), answers like the others:
+    CORS headers, problem+json errors with the request id."""
+    origin = {"Origin": "https://dash.example"}
+    refused = await cors.client.get(path, headers={**origin, "X-Request-ID": "r-7"})
+    assert problem(refused, 401)["request_id"] == "r-7"
+    assert refused.headers["access-control-allow-origin"] == "https://dash.example"
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+    assert refused.headers["x-content-type-options"] == "nosniff"
+
+
 async def test_cors_absent_for_other_origins(cors: Harness):
     response = await cors.client.options(
         "/api/v1/groups", headers=preflight("https://evil.example")
