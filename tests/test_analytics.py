@@ -851,6 +851,23 @@ async def test_window_reaching_legacy_registers_adds_their_estimate_and_is_flagg
 # ---------------------------------------------------------------- folding
 
 
+async def counts_every_event(
+    reader: Harness, viewer: dict, window: dict[str, datetime], sent: list[dict]
+) -> None:
+    """Every analytics answer over `window` counts every event sent, each once."""
+    summary = await ok(reader.client, viewer, "summary", **window)
+    assert summary["checks"] == len(sent)
+    assert summary["unique_users"] == len({e["user_id"] for e in sent})
+    assert not summary["unique_users_estimated"]
+    series = await ok(reader.client, viewer, "timeseries", **window)
+    assert sum(p["checks"] for p in series["points"]) == len(sent)
+    top = await ok(reader.client, viewer, "top-groups", **window)
+    assert sum(g["checks"] for g in top["items"]) == len(sent)
+    channels = await ok(reader.client, viewer, "channels", **window)
+    blocked = sum(e["result"] == "blocked" for e in sent)
+    assert sum(c["blocks"] for c in channels["items"]) == blocked
+
+
 async def test_reads_after_an_acknowledged_batch_count_it_on_every_replica_while_folding(
     harness: Harness, replica: Harness, bot, viewer
 ):
@@ -884,17 +901,7 @@ async def test_reads_after_an_acknowledged_batch_count_it_on_every_replica_while
             sent += batch
             window = {"since": t0, "until": t0 + 4 * HOUR}
             for reader in (harness, replica):
-                summary = await ok(reader.client, viewer, "summary", **window)
-                assert summary["checks"] == len(sent)
-                assert summary["unique_users"] == len({e["user_id"] for e in sent})
-                assert not summary["unique_users_estimated"]
-                series = await ok(reader.client, viewer, "timeseries", **window)
-                assert sum(p["checks"] for p in series["points"]) == len(sent)
-                top = await ok(reader.client, viewer, "top-groups", **window)
-                assert sum(g["checks"] for g in top["items"]) == len(sent)
-                channels = await ok(reader.client, viewer, "channels", **window)
-                blocked = sum(e["result"] == "blocked" for e in sent)
-                assert sum(c["blocks"] for c in channels["items"]) == blocked
+                await counts_every_event(reader, viewer, window, sent)
     finally:
         stop.set()
         await task
@@ -974,15 +981,7 @@ async def test_reads_through_the_read_url_see_every_acknowledged_write(
         ]  # fmt: skip
         await post_events(harness.client, bot, batch)
         sent += batch
-        summary = await ok(reader.client, viewer, "summary", **window)
-        assert (summary["checks"], summary["unique_users"]) == (len(sent), len(sent))
-        series = await ok(reader.client, viewer, "timeseries", **window)
-        assert sum(p["checks"] for p in series["points"]) == len(sent)
-        top = await ok(reader.client, viewer, "top-groups", **window)
-        assert sum(g["checks"] for g in top["items"]) == len(sent)
-        channels = await ok(reader.client, viewer, "channels", **window)
-        blocked = sum(e["result"] == "blocked" for e in sent)
-        assert sum(c["blocks"] for c in channels["items"]) == blocked
+        await counts_every_event(reader, viewer, window, sent)
         log = await reader.client.get("/api/v1/verifications?limit=200", headers=viewer)
         assert len(log.json()["items"]) == len(sent)
         export = await reader.client.get("/api/v1/verifications/export", headers=viewer)
