@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import analytics
 import contract
+import partitions
 import policy
 from auth import AuthState, client_address
 from db import Database, Listener, failure, migrate, schema_head
@@ -91,6 +92,7 @@ class Services:
     limiter: Limiter
     listener: asyncio.Task[None] | None = field(default=None)
     folder: asyncio.Task[None] | None = field(default=None)
+    keeper: asyncio.Task[None] | None = field(default=None)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -127,6 +129,11 @@ class Services:
             analytics.folder(self.db, self.settings.fold_interval_seconds, self.stopping),
             name="channelgate-folder",
         )
+        if self.db.is_postgres:
+            self.keeper = asyncio.create_task(
+                partitions.keeper(self.db, self.settings.retention_days, self.stopping),
+                name="channelgate-partitions",
+            )
         drain_on_signal(self.feed)
 
     def linked(self) -> None:
@@ -142,9 +149,10 @@ class Services:
         self.feed.drain()
         DRAINING.discard(self.feed)
         self.stopping.set()
-        if self.folder is not None and not self.folder.done():  # after its pass in flight
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.folder, FOLD_STOP_SECONDS)
+        for task in (self.folder, self.keeper):  # after the pass in flight
+            if task is not None and not task.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(task, FOLD_STOP_SECONDS)
         if self.listener is not None:
             self.listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

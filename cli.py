@@ -356,38 +356,44 @@ def seed_demo(args: argparse.Namespace) -> None:
 
 
 async def _purge(settings: Settings, days: int, batch: int) -> int:
+    """Drop the raw log's days wholly older than `days` days: whole partitions on
+    PostgreSQL (partitions.py), small batches of rows from its default partition and from
+    SQLite's one table. Returns how many events went."""
     from datetime import timedelta
 
-    from sqlalchemy import delete, select
-    from sqlmodel import col
+    from sqlalchemy import BigInteger, column, delete, select, table
 
+    import partitions
     from db import Database
-    from models import Verification, utcnow
+    from models import UTCDateTime, utcnow
 
-    cutoff = utcnow() - timedelta(days=days)
+    now = utcnow()
+    cutoff = partitions.start_of((now - timedelta(days=days)).date())
     db = Database(settings)
+    # On PostgreSQL, the rows outside every day's partition.
+    name = partitions.DEFAULT if db.is_postgres else "verifications"
+    log = table(name, column("id", BigInteger), column("occurred_at", UTCDateTime))
     deleted = -1
     try:
+        deleted = await partitions.drop_before(db, cutoff)
         while True:
             # Small batches by primary key: each transaction is short and locks few rows,
             # so ingestion and the dashboard carry on while old events go.
             async with db.sessionmaker() as session:
-                oldest = (
-                    select(col(Verification.id))
-                    .where(col(Verification.occurred_at) < cutoff)
-                    .order_by(col(Verification.occurred_at))
-                    .limit(batch)
-                )
+                oldest = select(log.c.id).where(log.c.occurred_at < cutoff).limit(batch)
                 result = await session.execute(
-                    delete(Verification).where(col(Verification.id).in_(oldest.scalar_subquery()))
+                    delete(log).where(
+                        log.c.occurred_at < cutoff, log.c.id.in_(oldest.scalar_subquery())
+                    )
                 )
                 await session.commit()
             count = result.rowcount  # pyrefly: ignore[missing-attribute]
-            deleted = max(deleted, 0) + count
-            print(f"\rdeleted {deleted:,} events older than {cutoff:%Y-%m-%d %H:%M} UTC", end="",
+            deleted += count
+            print(f"\rdeleted {deleted:,} events before {cutoff:%Y-%m-%d} UTC", end="",
                   file=sys.stderr, flush=True)  # fmt: skip
             if count < batch:
                 break
+        await partitions.ensure(db, now, days)
     finally:
         if deleted >= 0:
             print(file=sys.stderr)  # ends the progress line
@@ -399,7 +405,9 @@ def purge(args: argparse.Namespace) -> None:
     settings = load_settings()
     days = getattr(args, "days", settings.retention_days)
     deleted = asyncio.run(_purge(settings, days, args.batch))
-    print(f"purged {deleted:,} verification events older than {days} days (rollups kept)")
+    print(
+        f"purged {deleted:,} verification events of the days older than {days} days (rollups kept)"
+    )
 
 
 def at_least(low: int, high: int | None = None) -> Callable[[str], int]:

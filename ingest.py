@@ -83,12 +83,12 @@ def local_status(delta: MemberDelta) -> MemberStatus:
 
 
 async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> dict[Any, int]:
-    """Store new events, fold them into member states and rollups; returns {event_id: row id}
-    of the events that were new (an `event_id` seen before, in this batch or an earlier one,
-    is skipped). Does not commit."""
-    unique: dict[Any, VerificationIn] = {}
-    for event in events:
-        unique.setdefault(event.event_id, event)
+    """Store new events, fold them into member states and rollups; returns
+    {(event_id, occurred_at): row id} of the events that were new (an event seen before, in
+    this batch or an earlier one, is skipped). Does not commit."""
+    unique: dict[tuple[Any, datetime], VerificationIn] = {}
+    for event in events:  # the log's idempotency key (see partitions.py)
+        unique.setdefault((event.event_id, event.occurred_at), event)
     # A fixed order means concurrent batches lock rows in the same order: no deadlocks.
     ordered = [unique[k] for k in sorted(unique)]
     if not ordered:
@@ -116,11 +116,13 @@ async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> dic
         for e in ordered
     ]
     statement, params = bulk_insert(session, VERIFICATIONS, rows)
-    statement = statement.on_conflict_do_nothing(index_elements=["event_id"]).returning(
-        VERIFICATIONS.c.event_id, VERIFICATIONS.c.id
-    )
-    inserted = {row.event_id: row.id for row in await session.execute(statement, params)}
-    new = [e for e in ordered if e.event_id in inserted]
+    statement = statement.on_conflict_do_nothing(
+        index_elements=["event_id", "occurred_at"]
+    ).returning(VERIFICATIONS.c.event_id, VERIFICATIONS.c.occurred_at, VERIFICATIONS.c.id)
+    inserted = {
+        (row.event_id, row.occurred_at): row.id for row in await session.execute(statement, params)
+    }
+    new = [e for e in ordered if (e.event_id, e.occurred_at) in inserted]
     await upsert_members(session, member_deltas(new), received_at)
     await update_rollups(session, new)
     announce(session, VERIFICATION, sorted(inserted.values()))

@@ -754,13 +754,15 @@ class Verification(SQLModel, table=True):
 
     __tablename__ = "verifications"  # pyrefly: ignore[bad-override]
     __table_args__ = (
+        # The idempotency key holds the partition key (partitions.py): a retry repeats both.
+        UniqueConstraint("event_id", "occurred_at"),
         Index(None, "occurred_at", "id"),
         Index(None, "chat_id", "occurred_at", "id"),
         Index(None, "user_id", "occurred_at", "id"),
     )
 
     id: int | None = Field(default=None, sa_type=BigId, primary_key=True)
-    event_id: uuid.UUID = Field(unique=True)
+    event_id: uuid.UUID
     chat_id: int = Field(sa_type=BigInteger)
     user_id: int = Field(sa_type=BigInteger)
     result: Result = Field(sa_type=String(8))

@@ -1,6 +1,7 @@
 """Alembic environment: async engine from settings, or a connection handed in by the app."""
 
 import asyncio
+import re
 from logging.config import fileConfig
 from typing import Literal
 
@@ -17,6 +18,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = models.metadata
+PARTITION = re.compile(r"verifications_(default|[0-9]{8})")
 
 
 def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> Literal[False] | str:
@@ -26,12 +28,20 @@ def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> Lit
     return False
 
 
+def include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
+    """The log's partitions are tables of the database, not of the models (partitions.py)."""
+    return not (type_ == "table" and reflected and name is not None and PARTITION.fullmatch(name))
+
+
 def do_run_migrations(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
         render_item=render_item,
+        include_object=include_object,
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():

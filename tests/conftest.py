@@ -74,7 +74,12 @@ async def clean_database(url: str) -> None:
         if connection.dialect.name == "postgresql":
             # After any folder's pass: a folder mid-pass locks tables in another order.
             await connection.execute(text(f"SELECT pg_advisory_xact_lock({FOLD_LOCK})"))
+            # The log is ~100 day partitions, which TRUNCATE takes ~0.5 s to swap for new
+            # files; the few rows a test leaves are deleted in milliseconds.
+            tables.remove("verifications")
             await connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY"))
+            await connection.execute(text("DELETE FROM verifications"))
+            await connection.execute(text("ALTER SEQUENCE verifications_id_seq RESTART"))
         else:
             for table in tables:
                 await connection.execute(text(f"DELETE FROM {table}"))  # noqa: S608

@@ -712,7 +712,8 @@ async def test_purge_deletes_old_events_and_keeps_the_rollups(
     finally:
         get_settings.cache_clear()
     assert (
-        "purged 6 verification events older than 7 days (rollups kept)" in capsys.readouterr().out
+        "purged 6 verification events of the days older than 7 days (rollups kept)"
+        in capsys.readouterr().out
     )
 
     log = await client.get("/api/v1/verifications", params={"limit": 200}, headers=viewer)

@@ -1,0 +1,176 @@
+"""The raw log's time partitions on PostgreSQL: one per UTC day of `occurred_at`.
+
+`verifications` is range-partitioned on `occurred_at` (migration 3f1d0c9a7b22). A partition is
+made for every day from the retention horizon to DAYS_AHEAD days ahead, by the service (at
+start, then every CHECK_SECONDS, `keeper`) and by `channelgate purge`; never by hand.
+An event outside every daily partition (older than the horizon the partitions cover) is
+stored in `verifications_default`, and moved into its day's partition if that is made later.
+Retention (`channelgate purge`) detaches and drops whole days, and deletes rows only from the
+default partition. SQLite keeps one table: everything here is a no-op there.
+
+A unique key on a partitioned table must contain the partition key, so the log's is
+`(event_id, occurred_at)`: a retried event repeats its `occurred_at` with its `event_id`
+(the client spools whole events), so idempotency by `event_id` holds (API.md).
+"""
+
+import asyncio
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db import Database, failure
+
+log = logging.getLogger("channelgate.partitions")
+
+PARENT = "verifications"
+DEFAULT = "verifications_default"
+DAILY = re.compile(r"verifications_(\d{8})")  # the name of a day's partition, and nothing else
+DAYS_AHEAD = 7  # events may be at most 5 minutes ahead; a week's margin for a stopped service
+CHECK_SECONDS = 3600.0
+# DDL on the log waits this long for its lock, then gives up (and is tried again): queries
+# queue behind a waiting ACCESS EXCLUSIVE lock, so the wait is what they may lose.
+LOCK_TIMEOUT = "1s"
+LOCK = 0x63677000  # advisory: one process changes the partitions at a time
+DROP_TRIES = 10
+
+
+def partition_of(day: date) -> str:
+    return f"verifications_{day:%Y%m%d}"
+
+
+def start_of(day: date) -> datetime:
+    return datetime.combine(day, time(), UTC)
+
+
+@dataclass(slots=True)
+class Partition:
+    day: date
+    name: str
+    attached: bool
+
+
+async def _daily(session: AsyncSession) -> dict[date, Partition]:
+    """Every day's partition, attached or left detached by an interrupted purge."""
+    rows = await session.execute(
+        text(
+            "SELECT c.relname, i.inhparent IS NOT NULL FROM pg_class c"
+            " LEFT JOIN pg_inherits i ON i.inhrelid = c.oid"
+            " WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace"
+            " AND c.relname ~ '^verifications_[0-9]{8}$'"
+        )
+    )
+    found = {}
+    for name, attached in rows:
+        day = datetime.strptime(DAILY.fullmatch(name)[1], "%Y%m%d").date()  # pyrefly: ignore[unsupported-operation]
+        found[day] = Partition(day, name, attached)
+    return found
+
+
+async def _locked(session: AsyncSession) -> None:
+    await session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+    await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK})
+
+
+async def ensure(db: Database, now: datetime, retention_days: int) -> list[str]:
+    """Make every missing daily partition from `retention_days` before `now` to DAYS_AHEAD
+    after it; returns the names made. Each in a transaction of its own: attaching locks
+    the default partition (ACCESS EXCLUSIVE) until commit, so the lock is held briefly."""
+    if not db.is_postgres:
+        return []
+    first = (now - timedelta(days=retention_days)).date()
+    wanted = [first + timedelta(days=n) for n in range((now.date() - first).days + DAYS_AHEAD + 1)]
+    async with db.sessionmaker() as session:
+        have = await _daily(session)
+    made = []
+    for day in wanted:
+        if day in have and have[day].attached:
+            continue
+        async with db.sessionmaker() as session:
+            await _locked(session)
+            if await _attach(session, day):
+                made.append(partition_of(day))
+            await session.commit()
+    if made:
+        log.info("made %d daily partitions of the verification log (%s…)", len(made), made[0])
+    return made
+
+
+async def _attach(session: AsyncSession, day: date) -> bool:
+    """Make the day's partition and attach it, with the rows the default partition holds
+    for that day (stored before the partition existed). ATTACH, not CREATE … PARTITION OF:
+    it locks the parent only in SHARE UPDATE EXCLUSIVE mode, which lets ingestion and reads
+    go on. False if another process made it meanwhile."""
+    if (found := (await _daily(session)).get(day)) is not None and found.attached:
+        return False
+    name, low, high = partition_of(day), start_of(day), start_of(day + timedelta(days=1))
+    bounds = f"FROM ('{low.isoformat()}') TO ('{high.isoformat()}')"
+    check = f"occurred_at >= '{low.isoformat()}' AND occurred_at < '{high.isoformat()}'"
+    for statement in (
+        f"CREATE TABLE IF NOT EXISTS {name} (LIKE {PARENT} INCLUDING DEFAULTS)",
+        f"WITH moved AS (DELETE FROM {DEFAULT} WHERE {check} RETURNING *) INSERT INTO {name}"  # noqa: S608
+        " SELECT * FROM moved",
+        # A CHECK that proves the bounds lets ATTACH skip its scan of the new table.
+        f"ALTER TABLE {name} ADD CONSTRAINT {name}_bounds CHECK ({check})",
+        f"ALTER TABLE {PARENT} ATTACH PARTITION {name} FOR VALUES {bounds}",
+        f"ALTER TABLE {name} DROP CONSTRAINT {name}_bounds",
+    ):
+        await session.execute(text(statement))  # names and bounds are made of dates only
+    return True
+
+
+async def drop_before(db: Database, cutoff: datetime) -> int:
+    """Detach and drop every daily partition wholly before `cutoff` (a day's start); returns
+    how many events they held. Detaching takes the parent's ACCESS EXCLUSIVE lock for a
+    moment (within LOCK_TIMEOUT, retried); counting and dropping the detached table then
+    hold no lock anyone else waits for."""
+    dropped = 0
+    if not db.is_postgres:
+        return dropped
+    async with db.sessionmaker() as session:
+        daily = await _daily(session)
+    for day in sorted(d for d in daily if d < cutoff.date()):
+        partition = daily[day]
+        if partition.attached:
+            await _detach(db, partition.name)
+        async with db.sessionmaker() as session:
+            counted = text(f"SELECT count(*) FROM {partition.name}")  # noqa: S608
+            dropped += (await session.execute(counted)).scalar_one()
+            await session.execute(text(f"DROP TABLE {partition.name}"))
+            await session.commit()
+    return dropped
+
+
+async def _detach(db: Database, name: str) -> None:
+    for attempt in range(DROP_TRIES):
+        try:
+            async with db.sessionmaker() as session:
+                await _locked(session)
+                await session.execute(text(f"ALTER TABLE {PARENT} DETACH PARTITION {name}"))
+                await session.commit()
+                return
+        except DBAPIError as error:
+            if attempt == DROP_TRIES - 1 or getattr(error.orig, "sqlstate", "") != "55P03":
+                raise
+            log.info("detaching %s: the log is busy, trying again", name)
+            await asyncio.sleep(1.0)
+
+
+async def keeper(db: Database, retention_days: int, stopping: asyncio.Event) -> None:
+    """The service's part: make the partitions ahead, now and every CHECK_SECONDS, until
+    `stopping` is set. A failed round is logged and tried again at the next."""
+    while not stopping.is_set():
+        try:
+            await ensure(db, datetime.now(UTC), retention_days)
+        except Exception as error:
+            if failure(error) is None:
+                log.exception("making the verification log's partitions failed")
+            else:
+                log.warning("making the log's partitions: database unavailable (%s)", error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), CHECK_SECONDS)

@@ -1,0 +1,245 @@
+"""The raw log's day partitions on PostgreSQL (partitions.py): made ahead by the service, rows
+outside them kept in the default partition and moved when their day's partition is made,
+retention by whole days; and the idempotency key they need, `(event_id, occurred_at)`, on
+both databases."""
+
+import asyncio
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+from alembic import command
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import cli
+import partitions
+from db import alembic_config
+from settings import get_settings
+from tests.conftest import Harness, normalise_url, start_harness
+from tests.factories import event, ingest, post_events
+
+pytestmark = pytest.mark.anyio
+
+DAY = timedelta(days=1)
+BEFORE_PARTITIONS = "126b9b5f3b09"
+
+
+@pytest.fixture
+def postgres(database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite keeps the log in one table")
+
+
+async def stored_in(harness: Harness, event_ids: list[str]) -> dict[str, str]:
+    """The partition that holds each of these events."""
+    async with harness.sessionmaker() as session:
+        rows = await session.execute(
+            text(
+                "SELECT event_id::text, tableoid::regclass::text FROM verifications"
+                " WHERE event_id::text = ANY(:ids)"
+            ),
+            {"ids": event_ids},
+        )
+        return dict(rows.all())
+
+
+async def daily(harness: Harness) -> dict:
+    async with harness.sessionmaker() as session:
+        return await partitions._daily(session)
+
+
+async def log_ids(harness: Harness, viewer: dict[str, str]) -> list[str]:
+    response = await harness.client.get(
+        "/api/v1/verifications", params={"limit": 200}, headers=viewer
+    )
+    assert response.status_code == 200, response.text
+    return [v["event_id"] for v in response.json()["items"]]
+
+
+async def test_events_are_stored_in_their_days_partition(harness: Harness, bot, viewer, postgres):
+    now = datetime.now(UTC)
+    await partitions.ensure(harness.services.db, now, 90)
+    days = await daily(harness)
+    first = (now - 90 * DAY).date()
+    wanted = {first + n * DAY for n in range((now.date() - first).days + partitions.DAYS_AHEAD + 1)}
+    assert wanted <= {day for day, p in days.items() if p.attached}
+
+    recent, older, ancient = event(at=now), event(at=now - 3 * DAY), event(at=now - 400 * DAY)
+    await post_events(harness.client, bot, [recent, older, ancient])
+    where = await stored_in(harness, [e["event_id"] for e in (recent, older, ancient)])
+    assert where == {
+        recent["event_id"]: partitions.partition_of(now.date()),
+        older["event_id"]: partitions.partition_of((now - 3 * DAY).date()),
+        ancient["event_id"]: partitions.DEFAULT,
+    }
+    # Idempotency holds in every partition, the default one too.
+    again = await ingest(harness.client, bot, [recent, older, ancient])
+    assert again.json() == {"accepted": 0, "duplicates": 3}
+
+
+async def test_a_day_made_later_takes_its_rows_from_the_default_partition(
+    harness: Harness, bot, viewer, postgres
+):
+    now = datetime.now(UTC)
+    at = now - 300 * DAY
+    early = [event(user_id=500 + i, at=at + i * timedelta(minutes=1)) for i in range(3)]
+    other_day = event(user_id=600, at=at - DAY)
+    await post_events(harness.client, bot, [*early, other_day])
+    before = await log_ids(harness, viewer)
+
+    made = await partitions.ensure(harness.services.db, now, 300)
+    assert partitions.partition_of(at.date()) in made
+    assert partitions.partition_of((at - DAY).date()) not in made  # past the horizon asked
+    where = await stored_in(harness, [e["event_id"] for e in (*early, other_day)])
+    assert {where[e["event_id"]] for e in early} == {partitions.partition_of(at.date())}
+    assert where[other_day["event_id"]] == partitions.DEFAULT
+    assert await log_ids(harness, viewer) == before  # moved, nothing lost or doubled
+    assert (await ingest(harness.client, bot, early)).json() == {"accepted": 0, "duplicates": 3}
+    assert await partitions.ensure(harness.services.db, now, 300) == []  # made once
+
+
+async def test_the_service_makes_the_partitions_ahead(
+    harness: Harness, database_url: str, jwks_server, tokens, postgres
+):
+    ahead = datetime.now(UTC).date() + partitions.DAYS_AHEAD * DAY
+    name = partitions.partition_of(ahead)
+    async with harness.sessionmaker() as session:
+        await session.execute(text(f"DROP TABLE IF EXISTS {name}"))
+        await session.commit()
+    assert ahead not in await daily(harness)
+    async for _ in start_harness(database_url, jwks_server.url, tokens):  # another replica
+        for _ in range(100):
+            if (found := (await daily(harness)).get(ahead)) is not None and found.attached:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail(f"{name} was not made")
+
+
+async def test_purge_drops_whole_days(
+    harness: Harness, bot, viewer, database_url: str, tmp_path: Path, monkeypatch, capsys
+):
+    """Retention keeps whole UTC days: an event goes once its whole day is older than the
+    horizon. On PostgreSQL the days' partitions are dropped, rows in the default partition
+    deleted, and a partition a purge detached but did not drop is dropped by the next."""
+    now = datetime.now(UTC)
+    cutoff = partitions.start_of((now - 7 * DAY).date())
+    gone = [event(user_id=1, at=cutoff - timedelta(seconds=1)), event(user_id=2, at=now - 9 * DAY)]
+    gone.append(event(user_id=3, at=now - 500 * DAY))  # the default partition, on PostgreSQL
+    kept = [event(user_id=4, at=cutoff), event(user_id=5, at=now)]
+    await post_events(harness.client, bot, gone + kept)
+    postgresql = database_url.startswith("postgresql")
+    if postgresql:  # a purge that stopped between detaching a day and dropping it
+        leftover = partitions.partition_of((now - 9 * DAY).date())
+        async with harness.sessionmaker() as session:
+            await session.execute(text(f"ALTER TABLE verifications DETACH PARTITION {leftover}"))
+            await session.commit()
+        gone.append(event(user_id=6, at=now - 9 * DAY))  # stored in the default meanwhile
+        await post_events(harness.client, bot, gone[-1:])
+
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    try:
+        await anyio.to_thread.run_sync(cli.main, ["purge", "--days", "7", "--batch", "1"])
+    finally:
+        get_settings.cache_clear()
+    out = capsys.readouterr().out
+    assert f"purged {len(gone)} verification events of the days older than 7 days" in out
+    assert sorted(await log_ids(harness, viewer)) == sorted(e["event_id"] for e in kept)
+    if postgresql:
+        days = await daily(harness)
+        assert min(days) == cutoff.date()
+        assert all(p.attached for p in days.values())
+        assert set((await stored_in(harness, [kept[0]["event_id"]])).values()) == {
+            partitions.partition_of(cutoff.date())
+        }
+
+
+async def test_an_event_is_the_same_event_with_the_same_id_and_time(harness: Harness, bot):
+    """The idempotency key is (event_id, occurred_at) on both databases: a retry repeats the
+    whole event. The same id at another time is another event (API.md)."""
+    first = event(at=datetime.now(UTC) - timedelta(minutes=5))
+    moved = {**first, "occurred_at": event()["occurred_at"]}
+    assert (await ingest(harness.client, bot, [first, first])).json() == {
+        "accepted": 1,
+        "duplicates": 1,
+    }
+    assert (await ingest(harness.client, bot, [first, moved])).json() == {
+        "accepted": 1,
+        "duplicates": 1,
+    }
+    fresh = event(event_id=str(uuid.uuid4()))
+    assert (await ingest(harness.client, bot, [fresh, moved])).json() == {
+        "accepted": 1,
+        "duplicates": 1,
+    }
+
+
+async def test_the_migration_moves_the_log_into_day_partitions_and_back():
+    """Upgrading a PostgreSQL log keeps every row, id and the id sequence, each row in its
+    day's partition (or the default one); downgrading gives the one table back."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("PostgreSQL only")
+    server = make_url(normalise_url(url))
+    name = f"{server.database}_partition_migration"
+    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as connection:
+        await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        await connection.execute(text(f'CREATE DATABASE "{name}"'))
+    target = server.set(database=name)
+    config = alembic_config(target.render_as_string(hide_password=False))
+    engine = create_async_engine(target)
+    now = datetime.now(UTC)
+    times = [now, now - 2 * DAY, now - 400 * DAY]
+    try:
+        await anyio.to_thread.run_sync(command.upgrade, config, BEFORE_PARTITIONS)
+        async with engine.begin() as connection:
+            for at in times:
+                await connection.execute(
+                    text(
+                        "INSERT INTO verifications (event_id, chat_id, user_id, result,"
+                        " trigger, missing_channel_ids, cached, latency_ms, occurred_at,"
+                        " received_at) VALUES (gen_random_uuid(), -100, 7, 'passed',"
+                        " 'join', '[]', false, 5, :at, :at)"
+                    ),
+                    {"at": at},
+                )
+        before = await log_rows(engine)
+        await anyio.to_thread.run_sync(command.upgrade, config, "head")
+        assert await log_rows(engine) == before
+        async with engine.connect() as connection:
+            where = dict(
+                (await connection.execute(
+                    text("SELECT id, tableoid::regclass::text FROM verifications")
+                )).all()
+            )  # fmt: skip
+            next_id = (
+                await connection.execute(text("SELECT nextval('verifications_id_seq')"))
+            ).scalar()
+        assert [where[row[0]] for row in before] == [
+            partitions.partition_of(now.date()),
+            partitions.partition_of((now - 2 * DAY).date()),
+            partitions.DEFAULT,
+        ]
+        assert next_id == max(row[0] for row in before) + 1
+        await anyio.to_thread.run_sync(command.downgrade, config, BEFORE_PARTITIONS)
+        assert await log_rows(engine) == before
+    finally:
+        await engine.dispose()
+        async with admin.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        await admin.dispose()
+
+
+async def log_rows(engine) -> list[tuple]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            text("SELECT id, event_id, occurred_at FROM verifications ORDER BY id")
+        )
+        return [tuple(row) for row in rows]
