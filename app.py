@@ -590,10 +590,10 @@ class App(FastAPI):
             self.direct is not None
             and scope["type"] == "http"
             and scope["method"] == "GET"
-            and (match := policy.PATH_RE.fullmatch(scope["path"]))
+            and (match := policy.PATH_RE.match(scope["path"]))
         ):
             scope["app"] = self
-            scope["path_params"] = {"chat_id": match[1]}
+            scope["path_params"] = match.groupdict()
             await self.direct(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
