@@ -356,11 +356,9 @@ def seed_demo(args: argparse.Namespace) -> None:
 
 
 async def _purge(settings: Settings, days: int, batch: int) -> int:
-    """Drop the raw log's days wholly older than `days` days: whole partitions on
-    PostgreSQL (partitions.py), small batches of rows from its default partition and from
-    SQLite's one table. Returns how many events went."""
-    from datetime import timedelta
-
+    """Drop the raw log's weeks (Monday to Monday, UTC) wholly older than `days` days: whole
+    partitions on PostgreSQL (partitions.py), small batches of rows from its default
+    partition and from SQLite's one table. Returns how many events went."""
     from sqlalchemy import BigInteger, column, delete, select, table
 
     import partitions
@@ -368,7 +366,7 @@ async def _purge(settings: Settings, days: int, batch: int) -> int:
     from models import UTCDateTime, utcnow
 
     now = utcnow()
-    cutoff = partitions.start_of((now - timedelta(days=days)).date())
+    cutoff = partitions.horizon(now, days)
     db = Database(settings)
     # On PostgreSQL, the rows outside every day's partition.
     name = partitions.DEFAULT if db.is_postgres else "verifications"
@@ -406,7 +404,7 @@ def purge(args: argparse.Namespace) -> None:
     days = getattr(args, "days", settings.retention_days)
     deleted = asyncio.run(_purge(settings, days, args.batch))
     print(
-        f"purged {deleted:,} verification events of the days older than {days} days (rollups kept)"
+        f"purged {deleted:,} verification events of the weeks older than {days} days (rollups kept)"
     )
 
 

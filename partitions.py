@@ -1,12 +1,18 @@
-"""The raw log's time partitions on PostgreSQL: one per UTC day of `occurred_at`.
+"""The raw log's time partitions on PostgreSQL: one per week (Monday to Monday, UTC) of
+`occurred_at`.
 
 `verifications` is range-partitioned on `occurred_at` (migration 3f1d0c9a7b22). A partition is
-made for every day from the retention horizon to DAYS_AHEAD days ahead, by the service (at
+made for every week from the retention horizon to DAYS_AHEAD days ahead, by the service (at
 start, then every CHECK_SECONDS, `keeper`) and by `channelgate purge`; never by hand.
-An event outside every daily partition (older than the horizon the partitions cover) is
-stored in `verifications_default`, and moved into its day's partition if that is made later.
-Retention (`channelgate purge`) detaches and drops whole days, and deletes rows only from the
+An event outside every partition (older than the horizon the partitions cover) is stored in
+`verifications_default`, and moved into its week's partition if that is made later.
+Retention (`channelgate purge`) detaches and drops whole weeks, and deletes rows only from the
 default partition. SQLite keeps one table: everything here is a no-op there.
+
+Weeks, not days: a query the planner cannot prune (a log page without a time filter) plans
+and locks every partition and each of its indexes; at 90 days of days that was ~5 ms of
+planning a page and ~500 locks a query, with PostgreSQL's shared lock table holding 64 a
+connection by default (max_locks_per_transaction). Weeks make it ~15 partitions.
 
 A unique key on a partitioned table must contain the partition key, so the log's is
 `(event_id, occurred_at)`: a retried event repeats its `occurred_at` with its `event_id`
@@ -30,7 +36,8 @@ log = logging.getLogger("channelgate.partitions")
 
 PARENT = "verifications"
 DEFAULT = "verifications_default"
-DAILY = re.compile(r"verifications_(\d{8})")  # the name of a day's partition, and nothing else
+NAMED = re.compile(r"verifications_(\d{8})")  # a week's partition, named by its Monday
+WEEK = timedelta(days=7)
 DAYS_AHEAD = 7  # events may be at most 5 minutes ahead; a week's margin for a stopped service
 CHECK_SECONDS = 3600.0
 # DDL on the log waits this long for its lock, then gives up (and is tried again): queries
@@ -40,23 +47,36 @@ LOCK = 0x63677000  # advisory: one process changes the partitions at a time
 DROP_TRIES = 10
 
 
-def partition_of(day: date) -> str:
-    return f"verifications_{day:%Y%m%d}"
+def week_of(at: date | datetime) -> date:
+    """The Monday (UTC) that starts the week holding `at`."""
+    day = at.astimezone(UTC).date() if isinstance(at, datetime) else at
+    return day - timedelta(days=day.weekday())
+
+
+def partition_of(at: date | datetime) -> str:
+    """The name of the partition that holds `at` (once made)."""
+    return f"verifications_{week_of(at):%Y%m%d}"
 
 
 def start_of(day: date) -> datetime:
     return datetime.combine(day, time(), UTC)
 
 
+def horizon(now: datetime, days: int) -> datetime:
+    """Where retention of `days` days cuts: the start of the week holding `now - days`, so
+    that only whole weeks go (an event is kept `days` to `days + 7` days)."""
+    return start_of(week_of(now - timedelta(days=days)))
+
+
 @dataclass(slots=True)
 class Partition:
-    day: date
+    week: date  # its Monday
     name: str
     attached: bool
 
 
-async def _daily(session: AsyncSession) -> dict[date, Partition]:
-    """Every day's partition, attached or left detached by an interrupted purge."""
+async def _weekly(session: AsyncSession) -> dict[date, Partition]:
+    """Every week's partition, attached or left detached by an interrupted purge."""
     rows = await session.execute(
         text(
             "SELECT c.relname, i.inhparent IS NOT NULL FROM pg_class c"
@@ -67,8 +87,8 @@ async def _daily(session: AsyncSession) -> dict[date, Partition]:
     )
     found = {}
     for name, attached in rows:
-        day = datetime.strptime(DAILY.fullmatch(name)[1], "%Y%m%d").date()  # pyrefly: ignore[unsupported-operation]
-        found[day] = Partition(day, name, attached)
+        week = datetime.strptime(NAMED.fullmatch(name)[1], "%Y%m%d").date()  # pyrefly: ignore[unsupported-operation]
+        found[week] = Partition(week, name, attached)
     return found
 
 
@@ -78,37 +98,36 @@ async def _locked(session: AsyncSession) -> None:
 
 
 async def ensure(db: Database, now: datetime, retention_days: int) -> list[str]:
-    """Make every missing daily partition from `retention_days` before `now` to DAYS_AHEAD
-    after it; returns the names made. Each in a transaction of its own: attaching locks
-    the default partition (ACCESS EXCLUSIVE) until commit, so the lock is held briefly."""
+    """Make every missing week's partition from the retention horizon of `now` to
+    DAYS_AHEAD after it; returns the names made. Each in a transaction of its own:
+    attaching locks the default partition (ACCESS EXCLUSIVE) until commit, so briefly."""
     if not db.is_postgres:
         return []
-    first = (now - timedelta(days=retention_days)).date()
-    wanted = [first + timedelta(days=n) for n in range((now.date() - first).days + DAYS_AHEAD + 1)]
+    week, last = horizon(now, retention_days).date(), week_of(now + timedelta(days=DAYS_AHEAD))
     async with db.sessionmaker() as session:
-        have = await _daily(session)
+        have = await _weekly(session)
     made = []
-    for day in wanted:
-        if day in have and have[day].attached:
-            continue
-        async with db.sessionmaker() as session:
-            await _locked(session)
-            if await _attach(session, day):
-                made.append(partition_of(day))
-            await session.commit()
+    while week <= last:
+        if week not in have or not have[week].attached:
+            async with db.sessionmaker() as session:
+                await _locked(session)
+                if await _attach(session, week):
+                    made.append(partition_of(week))
+                await session.commit()
+        week += WEEK
     if made:
-        log.info("made %d daily partitions of the verification log (%s…)", len(made), made[0])
+        log.info("made %d partitions of the verification log (%s…)", len(made), made[0])
     return made
 
 
-async def _attach(session: AsyncSession, day: date) -> bool:
-    """Make the day's partition and attach it, with the rows the default partition holds
-    for that day (stored before the partition existed). ATTACH, not CREATE … PARTITION OF:
+async def _attach(session: AsyncSession, week: date) -> bool:
+    """Make the week's partition and attach it, with the rows the default partition holds
+    for that week (stored before the partition existed). ATTACH, not CREATE … PARTITION OF:
     it locks the parent only in SHARE UPDATE EXCLUSIVE mode, which lets ingestion and reads
     go on. False if another process made it meanwhile."""
-    if (found := (await _daily(session)).get(day)) is not None and found.attached:
+    if (found := (await _weekly(session)).get(week)) is not None and found.attached:
         return False
-    name, low, high = partition_of(day), start_of(day), start_of(day + timedelta(days=1))
+    name, low, high = partition_of(week), start_of(week), start_of(week + WEEK)
     bounds = f"FROM ('{low.isoformat()}') TO ('{high.isoformat()}')"
     check = f"occurred_at >= '{low.isoformat()}' AND occurred_at < '{high.isoformat()}'"
     for statement in (
@@ -125,7 +144,7 @@ async def _attach(session: AsyncSession, day: date) -> bool:
 
 
 async def drop_before(db: Database, cutoff: datetime) -> int:
-    """Detach and drop every daily partition wholly before `cutoff` (a day's start); returns
+    """Detach and drop every week's partition wholly before `cutoff` (see `horizon`); returns
     how many events they held. Detaching takes the parent's ACCESS EXCLUSIVE lock for a
     moment (within LOCK_TIMEOUT, retried); counting and dropping the detached table then
     hold no lock anyone else waits for."""
@@ -133,9 +152,9 @@ async def drop_before(db: Database, cutoff: datetime) -> int:
     if not db.is_postgres:
         return dropped
     async with db.sessionmaker() as session:
-        daily = await _daily(session)
-    for day in sorted(d for d in daily if d < cutoff.date()):
-        partition = daily[day]
+        weekly = await _weekly(session)
+    for week in sorted(w for w in weekly if start_of(w + WEEK) <= cutoff):
+        partition = weekly[week]
         if partition.attached:
             await _detach(db, partition.name)
         async with db.sessionmaker() as session:

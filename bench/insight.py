@@ -129,6 +129,7 @@ def timed(call: Any, repeat: int) -> dict[str, float]:
     }
 
 
+BUSIEST = -1005000000000  # the first of fill()'s groups, the busiest (Zipf-like weights)
 RAW_SQL = {
     "summary": """
         SELECT count(*), count(*) FILTER (WHERE result = 'passed'),
@@ -157,6 +158,15 @@ RAW_SQL = {
         SELECT * FROM verifications ORDER BY occurred_at DESC, id DESC LIMIT 50""",
     "log_deep": """
         SELECT * FROM verifications ORDER BY occurred_at DESC, id DESC OFFSET 100000 LIMIT 50""",
+    "log_group": f"""
+        SELECT * FROM verifications WHERE chat_id = {BUSIEST}
+        ORDER BY occurred_at DESC, id DESC LIMIT 50""",  # noqa: S608
+    "log_window": """
+        SELECT * FROM verifications WHERE occurred_at >= $1 AND occurred_at < $2
+        ORDER BY occurred_at DESC, id DESC LIMIT 50""",
+    "export_group_day": f"""
+        SELECT * FROM verifications WHERE chat_id = {BUSIEST}
+        AND occurred_at >= $1 AND occurred_at < $2 ORDER BY occurred_at DESC, id DESC""",  # noqa: S608
 }
 
 
@@ -208,6 +218,8 @@ def main() -> None:
             "7d": (now - timedelta(days=7), now),
             "90d": (now - timedelta(days=90), now),
             "day90": (day - timedelta(days=90), day),
+            "old": (now - timedelta(days=60), now - timedelta(days=45)),  # an old page's filter
+            "day": (now - timedelta(days=1), now),
         }
 
         async def deep_cursor() -> str:
@@ -238,6 +250,13 @@ def main() -> None:
             "log, first page": ("/api/v1/verifications?limit=50", "log_first", None),
             "log, 100,000 rows deep": (
                 f"/api/v1/verifications?limit=50&cursor={cursor}", "log_deep", None),
+            "log, busiest group": (
+                f"/api/v1/verifications?limit=50&group={BUSIEST}", "log_group", None),
+            "log, 60 to 45 days ago": (
+                f"/api/v1/verifications?limit=50&{q('old')}", "log_window", "old"),
+            "CSV export, busiest group, last day": (
+                f"/api/v1/verifications/export?group={BUSIEST}&{q('day')}",
+                "export_group_day", "day"),
         }  # fmt: skip
         results: list[tuple[str, dict[str, float], dict[str, float]]] = []
         with running("channelgate", "uvicorn", 8303, env) as served:

@@ -22,6 +22,7 @@ from sqlalchemy import func, insert, select, text
 
 import analytics
 import cli
+import partitions
 from models import LATENCY_EDGES_MS, rollup_deltas, user_sketches
 from settings import get_settings
 from tests.conftest import ENV_OWNER, Harness, problem
@@ -688,11 +689,12 @@ async def test_purge_deletes_old_events_and_keeps_the_rollups(
 ):
     client = harness.client
     now = datetime.now(UTC)
-    old = [event(GROUPS[0], 100 + i, "blocked", now - 10 * DAY + i * HOUR) for i in range(5)]
-    old += [event(GROUPS[1], 200, "passed", now - 8 * DAY)]
+    cutoff = partitions.horizon(now, 7)  # whole weeks go
+    old = [event(GROUPS[0], 100 + i, "blocked", cutoff - 3 * DAY + i * HOUR) for i in range(5)]
+    old += [event(GROUPS[1], 200, "passed", cutoff - HOUR)]
     new = [event(GROUPS[0], 300, "passed", now - 6 * DAY), event(GROUPS[2], 301, at=now - HOUR)]
     await post_events(client, bot, old + new)
-    since, until = floor_day(now - 11 * DAY), floor_hour(now) + HOUR
+    since, until = floor_day(cutoff - 4 * DAY), floor_hour(now) + HOUR
     reads = {
         "summary": {},
         "timeseries": {"bucket": "day"},
@@ -712,7 +714,7 @@ async def test_purge_deletes_old_events_and_keeps_the_rollups(
     finally:
         get_settings.cache_clear()
     assert (
-        "purged 6 verification events of the days older than 7 days (rollups kept)"
+        "purged 6 verification events of the weeks older than 7 days (rollups kept)"
         in capsys.readouterr().out
     )
 

@@ -1,6 +1,6 @@
-"""The raw log's day partitions on PostgreSQL (partitions.py): made ahead by the service, rows
-outside them kept in the default partition and moved when their day's partition is made,
-retention by whole days; and the idempotency key they need, `(event_id, occurred_at)`, on
+"""The raw log's week partitions on PostgreSQL (partitions.py): made ahead by the service, rows
+outside them kept in the default partition and moved when their week's partition is made,
+retention by whole weeks; and the idempotency key they need, `(event_id, occurred_at)`, on
 both databases."""
 
 import asyncio
@@ -25,6 +25,7 @@ from tests.factories import event, ingest, post_events
 pytestmark = pytest.mark.anyio
 
 DAY = timedelta(days=1)
+WEEK = timedelta(days=7)
 BEFORE_PARTITIONS = "126b9b5f3b09"
 
 
@@ -47,9 +48,9 @@ async def stored_in(harness: Harness, event_ids: list[str]) -> dict[str, str]:
         return dict(rows.all())
 
 
-async def daily(harness: Harness) -> dict:
+async def weekly(harness: Harness) -> dict:
     async with harness.sessionmaker() as session:
-        return await partitions._daily(session)
+        return await partitions._weekly(session)
 
 
 async def log_ids(harness: Harness, viewer: dict[str, str]) -> list[str]:
@@ -60,20 +61,22 @@ async def log_ids(harness: Harness, viewer: dict[str, str]) -> list[str]:
     return [v["event_id"] for v in response.json()["items"]]
 
 
-async def test_events_are_stored_in_their_days_partition(harness: Harness, bot, viewer, postgres):
+async def test_events_are_stored_in_their_weeks_partition(harness: Harness, bot, viewer, postgres):
     now = datetime.now(UTC)
     await partitions.ensure(harness.services.db, now, 90)
-    days = await daily(harness)
-    first = (now - 90 * DAY).date()
-    wanted = {first + n * DAY for n in range((now.date() - first).days + partitions.DAYS_AHEAD + 1)}
-    assert wanted <= {day for day, p in days.items() if p.attached}
+    weeks = await weekly(harness)
+    first = partitions.week_of(now - 90 * DAY)
+    assert first.weekday() == 0 and partitions.horizon(now, 90).date() == first
+    last = partitions.week_of(now + partitions.DAYS_AHEAD * DAY)
+    wanted = {first + n * WEEK for n in range((last - first).days // 7 + 1)}
+    assert wanted <= {week for week, p in weeks.items() if p.attached}
 
     recent, older, ancient = event(at=now), event(at=now - 3 * DAY), event(at=now - 400 * DAY)
     await post_events(harness.client, bot, [recent, older, ancient])
     where = await stored_in(harness, [e["event_id"] for e in (recent, older, ancient)])
     assert where == {
-        recent["event_id"]: partitions.partition_of(now.date()),
-        older["event_id"]: partitions.partition_of((now - 3 * DAY).date()),
+        recent["event_id"]: partitions.partition_of(now),
+        older["event_id"]: partitions.partition_of(now - 3 * DAY),
         ancient["event_id"]: partitions.DEFAULT,
     }
     # Idempotency holds in every partition, the default one too.
@@ -85,17 +88,17 @@ async def test_a_day_made_later_takes_its_rows_from_the_default_partition(
     harness: Harness, bot, viewer, postgres
 ):
     now = datetime.now(UTC)
-    at = now - 300 * DAY
-    early = [event(user_id=500 + i, at=at + i * timedelta(minutes=1)) for i in range(3)]
-    other_day = event(user_id=600, at=at - DAY)
+    at = partitions.horizon(now, 300)  # a Monday, the first the next ensure makes
+    early = [event(user_id=500 + i, at=at + i * DAY) for i in range(3)]
+    other_day = event(user_id=600, at=at - timedelta(seconds=1))
     await post_events(harness.client, bot, [*early, other_day])
     before = await log_ids(harness, viewer)
 
     made = await partitions.ensure(harness.services.db, now, 300)
-    assert partitions.partition_of(at.date()) in made
-    assert partitions.partition_of((at - DAY).date()) not in made  # past the horizon asked
+    assert partitions.partition_of(at) in made
+    assert partitions.partition_of(at - DAY) not in made  # past the horizon asked
     where = await stored_in(harness, [e["event_id"] for e in (*early, other_day)])
-    assert {where[e["event_id"]] for e in early} == {partitions.partition_of(at.date())}
+    assert {where[e["event_id"]] for e in early} == {partitions.partition_of(at)}
     assert where[other_day["event_id"]] == partitions.DEFAULT
     assert await log_ids(harness, viewer) == before  # moved, nothing lost or doubled
     assert (await ingest(harness.client, bot, early)).json() == {"accepted": 0, "duplicates": 3}
@@ -105,40 +108,43 @@ async def test_a_day_made_later_takes_its_rows_from_the_default_partition(
 async def test_the_service_makes_the_partitions_ahead(
     harness: Harness, database_url: str, jwks_server, tokens, postgres
 ):
-    ahead = datetime.now(UTC).date() + partitions.DAYS_AHEAD * DAY
+    ahead = partitions.week_of(datetime.now(UTC) + partitions.DAYS_AHEAD * DAY)
     name = partitions.partition_of(ahead)
     async with harness.sessionmaker() as session:
         await session.execute(text(f"DROP TABLE IF EXISTS {name}"))
         await session.commit()
-    assert ahead not in await daily(harness)
+    assert ahead not in await weekly(harness)
     async for _ in start_harness(database_url, jwks_server.url, tokens):  # another replica
         for _ in range(100):
-            if (found := (await daily(harness)).get(ahead)) is not None and found.attached:
+            if (found := (await weekly(harness)).get(ahead)) is not None and found.attached:
                 break
             await asyncio.sleep(0.1)
         else:
             pytest.fail(f"{name} was not made")
 
 
-async def test_purge_drops_whole_days(
+async def test_purge_drops_whole_weeks(
     harness: Harness, bot, viewer, database_url: str, tmp_path: Path, monkeypatch, capsys
 ):
-    """Retention keeps whole UTC days: an event goes once its whole day is older than the
-    horizon. On PostgreSQL the days' partitions are dropped, rows in the default partition
-    deleted, and a partition a purge detached but did not drop is dropped by the next."""
+    """Retention keeps whole weeks: an event goes once its whole week (Monday to Monday,
+    UTC) is older than the horizon. On PostgreSQL the weeks' partitions are dropped, rows in
+    the default partition deleted, and a partition a purge detached but did not drop is
+    dropped by the next."""
     now = datetime.now(UTC)
-    cutoff = partitions.start_of((now - 7 * DAY).date())
-    gone = [event(user_id=1, at=cutoff - timedelta(seconds=1)), event(user_id=2, at=now - 9 * DAY)]
+    cutoff = partitions.horizon(now, 7)
+    assert now - 14 * DAY < cutoff <= now - 7 * DAY and cutoff.weekday() == 0
+    earlier = cutoff - 5 * DAY  # the week before the cutoff
+    gone = [event(user_id=1, at=cutoff - timedelta(seconds=1)), event(user_id=2, at=earlier)]
     gone.append(event(user_id=3, at=now - 500 * DAY))  # the default partition, on PostgreSQL
     kept = [event(user_id=4, at=cutoff), event(user_id=5, at=now)]
     await post_events(harness.client, bot, gone + kept)
     postgresql = database_url.startswith("postgresql")
-    if postgresql:  # a purge that stopped between detaching a day and dropping it
-        leftover = partitions.partition_of((now - 9 * DAY).date())
+    if postgresql:  # a purge that stopped between detaching a week and dropping it
+        leftover = partitions.partition_of(earlier)
         async with harness.sessionmaker() as session:
             await session.execute(text(f"ALTER TABLE verifications DETACH PARTITION {leftover}"))
             await session.commit()
-        gone.append(event(user_id=6, at=now - 9 * DAY))  # stored in the default meanwhile
+        gone.append(event(user_id=6, at=earlier))  # stored in the default meanwhile
         await post_events(harness.client, bot, gone[-1:])
 
     monkeypatch.chdir(tmp_path)  # no stray .env
@@ -149,14 +155,14 @@ async def test_purge_drops_whole_days(
     finally:
         get_settings.cache_clear()
     out = capsys.readouterr().out
-    assert f"purged {len(gone)} verification events of the days older than 7 days" in out
+    assert f"purged {len(gone)} verification events of the weeks older than 7 days" in out
     assert sorted(await log_ids(harness, viewer)) == sorted(e["event_id"] for e in kept)
     if postgresql:
-        days = await daily(harness)
-        assert min(days) == cutoff.date()
-        assert all(p.attached for p in days.values())
+        weeks = await weekly(harness)
+        assert min(weeks) == cutoff.date()
+        assert all(p.attached for p in weeks.values())
         assert set((await stored_in(harness, [kept[0]["event_id"]])).values()) == {
-            partitions.partition_of(cutoff.date())
+            partitions.partition_of(cutoff)
         }
 
 
@@ -223,8 +229,8 @@ async def test_the_migration_moves_the_log_into_day_partitions_and_back():
                 await connection.execute(text("SELECT nextval('verifications_id_seq')"))
             ).scalar()
         assert [where[row[0]] for row in before] == [
-            partitions.partition_of(now.date()),
-            partitions.partition_of((now - 2 * DAY).date()),
+            partitions.partition_of(now),
+            partitions.partition_of(now - 2 * DAY),
             partitions.DEFAULT,
         ]
         assert next_id == max(row[0] for row in before) + 1

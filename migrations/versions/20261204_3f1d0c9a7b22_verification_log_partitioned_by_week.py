@@ -1,16 +1,17 @@
-"""verification log partitioned by day on PostgreSQL; unique (event_id, occurred_at)
+"""verification log partitioned by week on PostgreSQL; unique (event_id, occurred_at)
 
 Revision ID: 3f1d0c9a7b22
 Revises: 126b9b5f3b09
 Create Date: 2026-12-04 19:05:00
 
 PostgreSQL: `verifications` becomes a table range-partitioned on `occurred_at`: a partition
-per UTC day from 90 days back (the default RETENTION_DAYS) to 7 days ahead, and a default
-partition for anything else; the rows are copied in, ids and their sequence kept. A unique key
-on a partitioned table must contain the partition key, so the primary key becomes
-(id, occurred_at) and the idempotency key (event_id, occurred_at). The service makes the
-later days' partitions itself (partitions.py). On a large log this copies every row: run it
-with ingestion stopped, or purge first. SQLite keeps one table, with the new unique key.
+per week (Monday to Monday, UTC) from 90 days back (the default RETENTION_DAYS) to 7 days
+ahead, and a default partition for anything else; the rows are copied in, ids and their
+sequence kept. A unique key on a partitioned table must contain the partition key, so the
+primary key becomes (id, occurred_at) and the idempotency key (event_id, occurred_at). The
+service makes the later weeks' partitions itself (partitions.py). On a large log this copies
+every row: run it with ingestion stopped, or purge first. SQLite keeps one table, with the
+new unique key.
 """
 
 from collections.abc import Sequence
@@ -63,13 +64,15 @@ def rebuild(partitioned: bool) -> None:
     if partitioned:
         op.execute("CREATE TABLE verifications_default PARTITION OF verifications DEFAULT")
         today = datetime.now(UTC).date()
-        for n in range(-90, 8):
-            day = today + timedelta(days=n)
-            low, high = day.isoformat(), (day + timedelta(days=1)).isoformat()
+        week = today - timedelta(days=90)
+        week -= timedelta(days=week.weekday())  # its Monday
+        while week <= today + timedelta(days=7):
+            low, high = week.isoformat(), (week + timedelta(days=7)).isoformat()
             op.execute(
-                f"CREATE TABLE verifications_{day:%Y%m%d} PARTITION OF verifications"
+                f"CREATE TABLE verifications_{week:%Y%m%d} PARTITION OF verifications"
                 f" FOR VALUES FROM ('{low} 00:00:00+00') TO ('{high} 00:00:00+00')"
             )
+            week += timedelta(days=7)
     else:  # keep the newest event of an (event_id) the partitioned log held twice
         op.execute(
             "DELETE FROM verifications_old a USING verifications_old b"
