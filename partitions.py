@@ -11,8 +11,8 @@ default partition. SQLite keeps one table: everything here is a no-op there.
 
 Weeks, not days: a query the planner cannot prune (a log page without a time filter) plans
 and locks every partition and each of its indexes; at 90 days of days that was ~5 ms of
-planning a page and ~500 locks a query, with PostgreSQL's shared lock table holding 64 a
-connection by default (max_locks_per_transaction). Weeks make it ~15 partitions.
+planning a page and ~600 locks a query, with PostgreSQL's shared lock table holding 64 a
+connection by default (max_locks_per_transaction). Weeks make it 16 partitions, 99 locks.
 
 A unique key on a partitioned table must contain the partition key, so the log's is
 `(event_id, occurred_at)`: a retried event repeats its `occurred_at` with its `event_id`
@@ -25,6 +25,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -146,38 +147,38 @@ async def _attach(session: AsyncSession, week: date) -> bool:
 async def drop_before(db: Database, cutoff: datetime) -> int:
     """Detach and drop every week's partition wholly before `cutoff` (see `horizon`); returns
     how many events they held. Detaching takes the parent's ACCESS EXCLUSIVE lock for a
-    moment (within LOCK_TIMEOUT, retried); counting and dropping the detached table then
-    hold no lock anyone else waits for."""
+    moment; counting and dropping the detached table then hold no lock that ingestion or the
+    dashboard waits for."""
     dropped = 0
     if not db.is_postgres:
         return dropped
     async with db.sessionmaker() as session:
         weekly = await _weekly(session)
     for week in sorted(w for w in weekly if start_of(w + WEEK) <= cutoff):
-        partition = weekly[week]
-        if partition.attached:
-            await _detach(db, partition.name)
-        async with db.sessionmaker() as session:
-            counted = text(f"SELECT count(*) FROM {partition.name}")  # noqa: S608
-            dropped += (await session.execute(counted)).scalar_one()
-            await session.execute(text(f"DROP TABLE {partition.name}"))
-            await session.commit()
+        name = weekly[week].name
+        if weekly[week].attached:
+            await _retried(db, f"ALTER TABLE {PARENT} DETACH PARTITION {name}")
+        dropped += await _retried(db, f"SELECT count(*) FROM {name}", f"DROP TABLE {name}")  # noqa: S608
     return dropped
 
 
-async def _detach(db: Database, name: str) -> None:
+async def _retried(db: Database, *statements: str) -> Any:
+    """Run these statements in one transaction under the partitions' lock, tried again while
+    their table lock is not granted within LOCK_TIMEOUT; returns the first one's scalar."""
     for attempt in range(DROP_TRIES):
         try:
             async with db.sessionmaker() as session:
                 await _locked(session)
-                await session.execute(text(f"ALTER TABLE {PARENT} DETACH PARTITION {name}"))
+                results = [await session.execute(text(statement)) for statement in statements]
+                first = results[0].scalar() if statements[0].startswith("SELECT") else None
                 await session.commit()
-                return
+                return first
         except DBAPIError as error:
             if attempt == DROP_TRIES - 1 or getattr(error.orig, "sqlstate", "") != "55P03":
                 raise
-            log.info("detaching %s: the log is busy, trying again", name)
+            log.info("%s: the log is busy, trying again", statements[0])
             await asyncio.sleep(1.0)
+    return None
 
 
 async def keeper(db: Database, retention_days: int, stopping: asyncio.Event) -> None:

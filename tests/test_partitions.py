@@ -166,6 +166,22 @@ async def test_purge_drops_whole_weeks(
         }
 
 
+async def test_purge_waits_for_a_busy_log_within_its_lock_timeout(harness: Harness, bot, postgres):
+    """A detach waits at most LOCK_TIMEOUT for its lock (queries queue behind it meanwhile),
+    then gives way and tries again: a long read delays the purge, never the other way."""
+    cutoff = partitions.horizon(datetime.now(UTC), 7)
+    await post_events(harness.client, bot, [event(at=cutoff - timedelta(seconds=1))])
+    async with harness.sessionmaker() as reader:
+        await reader.execute(text("SELECT count(*) FROM verifications"))  # holds its lock
+        purge = asyncio.create_task(partitions.drop_before(harness.services.db, cutoff))
+        await asyncio.sleep(1.5)  # past the first attempt's lock timeout
+        assert not purge.done()
+        # Ingestion goes on meanwhile (queued at most LOCK_TIMEOUT behind a waiting detach).
+        assert (await ingest(harness.client, bot, [event()])).status_code == 200
+        await reader.rollback()
+    assert await purge == 1
+
+
 async def test_an_event_is_the_same_event_with_the_same_id_and_time(harness: Harness, bot):
     """The idempotency key is (event_id, occurred_at) on both databases: a retry repeats the
     whole event. The same id at another time is another event (API.md)."""
