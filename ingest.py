@@ -7,6 +7,7 @@ exactly the code the bots use.
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import ColumnElement, case, delete, func, literal_column, select, text, update
@@ -27,6 +28,7 @@ from models import (
     utcnow,
 )
 
+BY_EVENT = attrgetter("event_id.int", "occurred_at")
 MEMBERS = Member.__table__  # pyrefly: ignore[missing-attribute]
 VERIFICATIONS = Verification.__table__  # pyrefly: ignore[missing-attribute]
 
@@ -89,8 +91,10 @@ async def ingest(session: AsyncSession, events: Sequence[VerificationIn]) -> dic
     unique: dict[tuple[Any, datetime], VerificationIn] = {}
     for event in events:  # the log's idempotency key (see partitions.py)
         unique.setdefault((event.event_id, event.occurred_at), event)
-    # A fixed order means concurrent batches lock rows in the same order: no deadlocks.
-    ordered = [unique[k] for k in sorted(unique)]
+    # A fixed order means concurrent batches lock rows in the same order: no deadlocks. By the
+    # ids' integers: comparing UUIDs runs Python's UUID.__lt__ (1.0 ms a 500-event batch
+    # against 0.2 ms, timeit).
+    ordered = sorted(unique.values(), key=BY_EVENT)
     if not ordered:
         return {}
     if moved := await moved_to(session, {e.chat_id for e in ordered}):
