@@ -77,17 +77,47 @@ class Running:
     base: str
     process: subprocess.Popen
 
-    def rss_mib(self) -> float:
-        """The resident memory of the server and its worker processes (Granian forks one)."""
-        pids, total = [self.process.pid], 0
+    def tree(self) -> list[int]:
+        """The server and its worker processes (Granian forks one)."""
+        pids, found = [self.process.pid], []
         while pids:
             pid = pids.pop()
             with contextlib.suppress(FileNotFoundError):
-                status = Path(f"/proc/{pid}/status").read_text()
-                total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # pyrefly: ignore[missing-attribute]
                 for task in Path(f"/proc/{pid}/task").iterdir():
                     pids += [int(c) for c in (task / "children").read_text().split()]
+                found.append(pid)
+        return found
+
+    def rss_mib(self) -> float:
+        total = 0
+        for pid in self.tree():
+            with contextlib.suppress(FileNotFoundError):
+                status = Path(f"/proc/{pid}/status").read_text()
+                total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # pyrefly: ignore[missing-attribute]
         return total / 1024
+
+
+CPU_PARTS = ("server", "postgres", "load")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time these processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL process on the machine (the server is on the same host)."""
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if comm.read_text().strip() == "postgres":
+                pids.append(int(comm.parent.name))
+    return pids
 
 
 @contextmanager
@@ -306,7 +336,7 @@ def main() -> None:
 
     from db import alembic_config
 
-    results: dict[str, Any] = {"policy": {}, "ingest": {}, "driver": {}}
+    results: dict[str, Any] = {"policy": {}, "ingest": {}, "driver": {}, "driver_cpu": {}}
     with scratch_database(args.admin_url, "channelgate_bench") as dsn:
         url = dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
         command.upgrade(alembic_config(url), "head")
@@ -347,7 +377,18 @@ def main() -> None:
                     bodies = [
                         json.dumps({"events": b}).encode() for b in batches_of(args.batches, start)
                     ]
+                    # Where the CPU goes: the server, PostgreSQL, this load generator.
+                    database = postgres_pids()
+                    cpu = (cpu_seconds(served.tree()), cpu_seconds(database), time.process_time())
                     load = asyncio.run(ingest_load(served.base, key, bodies, clients, dsn))
+                    used = (
+                        cpu_seconds(served.tree()) - cpu[0],
+                        cpu_seconds(database) - cpu[1],
+                        time.process_time() - cpu[2],
+                    )
+                    events = args.batches * 500
+                    for part, seconds in zip(CPU_PARTS, used, strict=True):
+                        load[f"cpu_{part}_us"] = seconds / events * 1e6
                     rss.append(served.rss_mib())
                     load["events_per_s"] = args.batches * 500 / load["seconds"]
                     load["rss_mib"] = rss[-1]
@@ -355,8 +396,14 @@ def main() -> None:
                     log(f"ingest on {server}, {clients} clients: {load}")
                 results["ingest"][server, "rss_after_warm_up"] = rss[0]
         for clients in client_counts:
+            database = postgres_pids()
+            cpu = (cpu_seconds(database), time.process_time())
             seconds = asyncio.run(driver_ceiling(dsn, batches_of(args.batches, start), clients))
             results["driver"][clients] = args.batches * 500 / seconds
+            results["driver_cpu"][clients] = (
+                (cpu_seconds(database) - cpu[0]) / (args.batches * 500) * 1e6,
+                (time.process_time() - cpu[1]) / (args.batches * 500) * 1e6,
+            )
             log(f"driver, {clients} clients: {results['driver'][clients]:,.0f} events/s")
     report(results, args, servers, client_counts)
 
@@ -408,20 +455,26 @@ def report(
         "asyncpg `executemany` of the same rows into the raw log, as many connections",
         "",
         "| ingestion | clients | events/s | ÷ driver | batch p50 ms | batch p99 ms "
-        "| RSS MiB after | most unfolded deltas | fold lag s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| RSS MiB after | most unfolded deltas | fold lag s "
+        "| CPU µs/event: server / PostgreSQL / load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for server in servers:
         for clients in client_counts:
             m = ingest[server, clients]
+            cpu = " / ".join(f"{m[f'cpu_{part}_us']:.0f}" for part in CPU_PARTS)
             lines.append(
                 f"| {server} | {clients} | {m['events_per_s']:,.0f} | "
                 f"{m['events_per_s'] / driver[clients]:.2f} | {m['batch_p50_ms']:.1f} | "
                 f"{m['batch_p99_ms']:.1f} | {m['rss_mib']:.0f} | {m['most_unfolded']:,} | "
-                f"{m['fold_lag_s']:.2f} |"
+                f"{m['fold_lag_s']:.2f} | {cpu} |"
             )
     for clients in client_counts:
-        lines.append(f"| driver | {clients} | {driver[clients]:,.0f} | | | | | | |")
+        database, load = results["driver_cpu"][clients]
+        lines.append(
+            f"| driver | {clients} | {driver[clients]:,.0f} | | | | | | "
+            f"| none / {database:.0f} / {load:.0f} |"
+        )
     lines += [""] + [
         f"RSS after the warm-up under {server}: {ingest[server, 'rss_after_warm_up']:.0f} MiB"
         for server in servers
