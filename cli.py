@@ -368,7 +368,7 @@ async def _purge(settings: Settings, days: int, batch: int) -> int:
     now = utcnow()
     cutoff = partitions.horizon(now, days)
     db = Database(settings)
-    # On PostgreSQL, the rows outside every day's partition.
+    # On PostgreSQL, the rows outside every week's partition.
     name = partitions.DEFAULT if db.is_postgres else "verifications"
     log = table(name, column("id", BigInteger), column("occurred_at", UTCDateTime))
     deleted = -1
