@@ -7,11 +7,12 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import jwt
 import pytest
@@ -21,11 +22,12 @@ from fastapi import FastAPI
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import cli
 from analytics import FOLD_LOCK
 from app import Services, create_app
 from db import alembic_config
 from models import Staff, metadata
-from settings import Settings
+from settings import Settings, get_settings
 from tests.network import Network
 
 HS_SECRET = "test-hs256-secret-that-is-long-enough-for-hmac"
@@ -301,6 +303,28 @@ async def reader(
         database_url, jwks_server.url, tokens, database_read_url=read_url
     ):
         yield other
+
+
+@pytest.fixture
+def purge(
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> Callable[..., Awaitable[str]]:
+    """`channelgate purge ARGS` in this process on the test database; returns what it printed."""
+
+    async def run(*args: str) -> str:
+        monkeypatch.chdir(tmp_path)  # no stray .env
+        monkeypatch.setenv("DATABASE_URL", database_url)
+        get_settings.cache_clear()
+        try:
+            await anyio.to_thread.run_sync(cli.main, ["purge", *args])
+        finally:
+            get_settings.cache_clear()
+        return capsys.readouterr().out
+
+    return run
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import numpy as np
 import pytest
@@ -24,7 +22,6 @@ import analytics
 import cli
 import partitions
 from models import LATENCY_EDGES_MS, rollup_deltas, user_sketches
-from settings import get_settings
 from tests.conftest import ENV_OWNER, Harness, problem
 from tests.factories import (
     CHANNEL_ID,
@@ -684,9 +681,7 @@ async def test_analytics_need_staff(harness: Harness, viewer):
 # ---------------------------------------------------------------- retention
 
 
-async def test_purge_deletes_old_events_and_keeps_the_rollups(
-    harness: Harness, bot, viewer, database_url: str, tmp_path: Path, monkeypatch, capsys
-):
+async def test_purge_deletes_old_events_and_keeps_the_rollups(harness: Harness, bot, viewer, purge):
     client = harness.client
     now = datetime.now(UTC)
     cutoff = partitions.horizon(now, 7)  # whole weeks go
@@ -706,17 +701,8 @@ async def test_purge_deletes_old_events_and_keeps_the_rollups(
     }
     assert before["summary"]["checks"] == 8
 
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    get_settings.cache_clear()
-    try:
-        await anyio.to_thread.run_sync(cli.main, ["purge", "--days", "7", "--batch", "2"])
-    finally:
-        get_settings.cache_clear()
-    assert (
-        "purged 6 verification events of the weeks older than 7 days (rollups kept)"
-        in capsys.readouterr().out
-    )
+    out = await purge("--days", "7", "--batch", "2")
+    assert "purged 6 verification events of the weeks older than 7 days (rollups kept)" in out
 
     log = await client.get("/api/v1/verifications", params={"limit": 200}, headers=viewer)
     assert log.status_code == 200, log.text

@@ -7,7 +7,6 @@ import asyncio
 import os
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import anyio
 import pytest
@@ -15,10 +14,8 @@ from alembic import command
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import cli
 import partitions
 from db import alembic_config
-from settings import get_settings
 from tests.conftest import Harness, normalise_url, start_harness
 from tests.factories import event, ingest, post_events
 
@@ -123,9 +120,7 @@ async def test_the_service_makes_the_partitions_ahead(
             pytest.fail(f"{name} was not made")
 
 
-async def test_purge_drops_whole_weeks(
-    harness: Harness, bot, viewer, database_url: str, tmp_path: Path, monkeypatch, capsys
-):
+async def test_purge_drops_whole_weeks(harness: Harness, bot, viewer, database_url: str, purge):
     """Retention keeps whole weeks: an event goes once its whole week (Monday to Monday,
     UTC) is older than the horizon. On PostgreSQL the weeks' partitions are dropped, rows in
     the default partition deleted, and a partition a purge detached but did not drop is
@@ -148,14 +143,7 @@ async def test_purge_drops_whole_weeks(
         gone.append(event(user_id=6, at=earlier))  # stored in the default meanwhile
         await post_events(harness.client, bot, gone[-1:])
 
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    get_settings.cache_clear()
-    try:
-        await anyio.to_thread.run_sync(cli.main, ["purge", "--days", "7", "--batch", "1"])
-    finally:
-        get_settings.cache_clear()
-    out = capsys.readouterr().out
+    out = await purge("--days", "7", "--batch", "1")
     assert f"purged {len(gone)} verification events of the weeks older than 7 days" in out
     assert sorted(await log_ids(harness, viewer)) == sorted(e["event_id"] for e in kept)
     if postgresql:
