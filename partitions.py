@@ -37,7 +37,7 @@ log = logging.getLogger("channelgate.partitions")
 
 PARENT = "verifications"
 DEFAULT = "verifications_default"
-NAMED = re.compile(r"verifications_(\d{8})")  # a week's partition, named by its Monday
+NAMED = re.compile(r"verifications_([0-9]{8})")  # a week's partition, named by its Monday
 WEEK = timedelta(days=7)
 DAYS_AHEAD = 7  # events may be at most 5 minutes ahead; a week's margin for a stopped service
 CHECK_SECONDS = 3600.0
@@ -83,8 +83,9 @@ async def _weekly(session: AsyncSession) -> dict[date, Partition]:
             "SELECT c.relname, i.inhparent IS NOT NULL FROM pg_class c"
             " LEFT JOIN pg_inherits i ON i.inhrelid = c.oid"
             " WHERE c.relkind = 'r' AND c.relnamespace = current_schema()::regnamespace"
-            " AND c.relname ~ '^verifications_[0-9]{8}$'"
-        )
+            " AND c.relname ~ :named"
+        ),
+        {"named": f"^{NAMED.pattern}$"},
     )
     found = {}
     for name, attached in rows:

@@ -1,7 +1,6 @@
 """Alembic environment: async engine from settings, or a connection handed in by the app."""
 
 import asyncio
-import re
 from logging.config import fileConfig
 from typing import Literal
 
@@ -10,6 +9,7 @@ from alembic.autogenerate.api import AutogenContext
 from sqlalchemy.engine import Connection
 
 import models
+import partitions
 from db import make_engine
 from settings import asyncpg_url, get_settings
 
@@ -18,7 +18,6 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = models.metadata
-PARTITION = re.compile(r"verifications_(default|[0-9]{8})")
 
 
 def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> Literal[False] | str:
@@ -32,7 +31,8 @@ def include_object(
     obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
 ) -> bool:
     """The log's partitions are tables of the database, not of the models (partitions.py)."""
-    return not (type_ == "table" and reflected and name is not None and PARTITION.fullmatch(name))
+    partition = name == partitions.DEFAULT or partitions.NAMED.fullmatch(name or "")
+    return not (type_ == "table" and reflected and partition)
 
 
 def do_run_migrations(connection: Connection) -> None:
