@@ -200,14 +200,14 @@ Key = tuple[str, int, int]  # (grain, chat id, bucket start as a Unix timestamp)
 async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]) -> None:
     """Record what newly stored events add to the rollups and sketches, as insert-only delta
     rows in the caller's transaction: a retried batch, whose events are not new, adds
-    nothing, and concurrent batches never wait on each other (see `fold`)."""
+    nothing, and concurrent batches never wait on each other (see `fold`). SQLite's path:
+    on PostgreSQL, ingest.INGEST counts in SQL and only the sketches come from here."""
     if not events:
         return
     width = len(COUNTERS) + len(LATENCY_COLUMNS)
     column = {"passed": 1, "blocked": 2, "error": 3}
     counts: dict[Key, list[int]] = {}
     blocks: dict[tuple[str, int, int, int], int] = defaultdict(int)
-    users: dict[Key, list[int]] = defaultdict(list)
     for e in events:
         ts = int(e.occurred_at.timestamp())
         latency = len(COUNTERS) + latency_bucket(e.latency_ms)
@@ -222,8 +222,6 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
             if e.result == "blocked":
                 for channel_id in set(e.missing_channel_ids):
                     blocks[key[0], key[1], key[2], channel_id] += 1
-            users[key].append(e.user_id)
-            users[key[0], ALL_GROUPS, key[2]].append(e.user_id)
 
     names = (*COUNTERS, *LATENCY_COLUMNS)
     rows = [
@@ -236,6 +234,21 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
         for (g, c, b, ch), n in blocks.items()
     ]
     await insert_rows(session, channel_rollup_deltas, rows)
+    await add_sketches(
+        session, [(e.chat_id, e.user_id, int(e.occurred_at.timestamp())) for e in events]
+    )
+
+
+async def add_sketches(session: AsyncSession, seen: Iterable[tuple[int, int, int]]) -> None:
+    """Record newly stored events' users, (chat id, user id, Unix time) each, as delta
+    sketches of their group's and of all groups' hour and day."""
+    users: dict[Key, list[int]] = defaultdict(list)
+    for chat_id, user_id, ts in seen:
+        hour, day = ts - ts % 3600, ts - ts % 86400
+        users["h", chat_id, hour].append(user_id)
+        users["d", chat_id, day].append(user_id)
+        users["h", ALL_GROUPS, hour].append(user_id)
+        users["d", ALL_GROUPS, day].append(user_id)
     rows = [
         {"grain": g, "chat_id": c, "bucket": bucket_time(b), "sketch": add_users(None, ids)}
         for (g, c, b), ids in users.items()

@@ -231,6 +231,7 @@ def _time_core_schema(_source: Any, _handler: GetCoreSchemaHandler) -> core_sche
         python_schema=core_schema.union_schema(  # query strings, or datetimes built in code
             [core_schema.is_instance_schema(datetime), from_text], **error
         ),
+        serialization=core_schema.simple_ser_schema("datetime"),  # ISO 8601, in Rust
     )
 
 

@@ -1397,10 +1397,10 @@ async def ingest_verifications(request: Request, session: SessionDep) -> IngestR
         ) from None
     if errors := body.rule_errors():
         raise RequestValidationError(errors)
-    inserted = await ingest(session, body.events)
+    accepted = await ingest(session, body.events)
     await session.commit()
-    metrics_of(request).ingested.inc(len(inserted))
-    return IngestResult(accepted=len(inserted), duplicates=len(body.events) - len(inserted))
+    metrics_of(request).ingested.inc(accepted)
+    return IngestResult(accepted=accepted, duplicates=len(body.events) - accepted)
 
 
 @bot.get("/groups/{chat_id}/members/{user_id}", response_model=MemberState)

@@ -429,7 +429,7 @@ def report(
         "| policy GET | server | requests/s | p50 ms | p99 ms | ÷ Starlette, same server |",
         "|---|---|---|---|---|---|",
     ]
-    for server in servers:
+    for server in servers if policy else ():  # --rounds 0: ingestion only
         bare = policy["starlette", server]["rps"]
         for label in APPS:
             m = policy[label, server]
@@ -437,7 +437,7 @@ def report(
                 f"| {label} | {server} | {m['rps']:,.0f} | {m['p50_ms']:.2f} | "
                 f"{m['p99_ms']:.2f} | {m['rps'] / bare:.2f} |"
             )
-    if "granian" in servers:
+    if "granian" in servers and "uvicorn" in servers and policy:
         cg_u, cg_g = (
             policy["channelgate", "uvicorn"]["rps"],
             policy["channelgate", "granian"]["rps"],

@@ -10,7 +10,7 @@ import random
 import re
 import uuid
 from collections.abc import MutableMapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -117,6 +117,21 @@ async def test_item_shape(harness: Harness, bot, viewer):
     assert parse(item["occurred_at"]) == at
     assert item["occurred_at"].endswith("Z") and item["received_at"].endswith("Z")
     assert before - timedelta(seconds=1) <= parse(item["received_at"]) <= datetime.now(UTC)
+
+
+async def test_any_rfc3339_offset_is_stored_as_its_instant(harness: Harness, bot, viewer):
+    # RFC 3339 allows offsets up to ±23:59, PostgreSQL reads up to ±15:59 (schemathesis found it)
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    sent = [
+        event(user_id=u, occurred_at=at.astimezone(timezone(offset)).isoformat())
+        for u, offset in ((1001, timedelta(hours=-20, minutes=-17)), (1002, timedelta(hours=23)))
+    ]
+    assert await post_events(harness.client, bot, sent) == {"accepted": 2, "duplicates": 0}
+    items = (await page(harness.client, viewer))["items"]
+    assert sorted((i["user_id"], parse(i["occurred_at"])) for i in items) == [
+        (1001, at),
+        (1002, at),
+    ]
 
 
 async def test_newest_first_across_pages(harness: Harness, logged: list[dict], viewer):
