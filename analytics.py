@@ -285,6 +285,9 @@ async def fold(session: AsyncSession, limit: int | None = FOLD_ROWS) -> int:
     commit."""
     folded = 0
     for deltas, table, key in SUMMED:
+        if is_postgres(session):
+            folded += await add_up_in_sql(session, deltas, table, key, limit)
+            continue
         rows = await take(session, deltas, key, limit)
         folded += len(rows)
         sums: dict[tuple[Any, ...], list[int]] = {}
@@ -318,6 +321,32 @@ async def take(
     columns = [*(deltas.c[k] for k in key), *rest]
     statement = delete(deltas).where(deltas.c.id.in_(chosen.scalar_subquery()))
     return (await session.execute(statement.returning(*columns))).all()
+
+
+async def add_up_in_sql(
+    session: AsyncSession, deltas: Table, table: Table, key: Sequence[str], limit: int | None
+) -> int:
+    """`take` and `add_up` on PostgreSQL as one statement: the oldest `limit` delta rows
+    deleted and their sums added into `table` in key order, none of them through Python
+    (which cost the server ~2 µs an ingested event, py-spy). Returns how many were folded."""
+    chosen = select(deltas.c.id).order_by(deltas.c.id)
+    if limit is not None:
+        chosen = chosen.limit(limit)
+    names = [c.name for c in table.c if c.name != "id" and c.name not in key]
+    taken = (
+        delete(deltas)
+        .where(deltas.c.id.in_(chosen.scalar_subquery()))
+        .returning(*(deltas.c[n] for n in (*key, *names)))
+        .cte("taken")
+    )
+    keys = [taken.c[k] for k in key]
+    sums = select(*keys, *(func.sum(taken.c[n]) for n in names)).group_by(*keys).order_by(*keys)
+    added = upsert(session, table).from_select([*key, *names], sums)
+    added = added.on_conflict_do_update(
+        index_elements=list(key), set_={n: table.c[n] + added.excluded[n] for n in names}
+    )
+    folded = select(func.count()).select_from(taken).add_cte(added.cte("added"))
+    return (await session.execute(folded)).scalar_one()
 
 
 async def add_up(
