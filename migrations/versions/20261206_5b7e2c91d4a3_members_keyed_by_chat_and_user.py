@@ -1,4 +1,4 @@
-"""members keyed by (chat_id, user_id): the surrogate id and its index go
+"""members keyed by (chat_id, user_id), with room for HOT updates: the surrogate id goes
 
 Revision ID: 5b7e2c91d4a3
 Revises: 3f1d0c9a7b22
@@ -9,6 +9,11 @@ Nothing reads a member state by `id`: every read, and ingestion's upsert, go by
 new or changed state. On PostgreSQL the key's index is built beside the unique one, which
 lets reads go on meanwhile (writes wait for the build), then becomes the primary key
 (`ADD PRIMARY KEY USING INDEX`, a moment's lock); SQLite copies the table.
+
+A member's state is updated far more often than it is created (every check of a known
+member), and an update that leaves its indexed columns alone (chat, user, status) writes no
+index entry when the new row version fits on the same page (a HOT update): fillfactor 80
+leaves a fifth of each page for that. It applies to pages filled from now on.
 """
 
 from collections.abc import Sequence
@@ -31,6 +36,7 @@ def upgrade() -> None:
             "ALTER TABLE members ADD CONSTRAINT pk_members PRIMARY KEY USING INDEX members_key"
         )
         op.drop_column("members", "id")
+        op.execute("ALTER TABLE members SET (fillfactor = 80)")
         return
     with op.batch_alter_table("members", recreate="always") as batch:
         batch.drop_constraint("uq_members_chat_id_user_id", type_="unique")
@@ -42,6 +48,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     id_type = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
     if op.get_bind().dialect.name == "postgresql":
+        op.execute("ALTER TABLE members RESET (fillfactor)")
         op.execute("ALTER TABLE members ADD COLUMN id BIGSERIAL")
         op.execute(
             "ALTER TABLE members ADD CONSTRAINT uq_members_chat_id_user_id "
