@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,27 @@ def normalise_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+asyncpg://" + url.removeprefix(prefix)
     return url
+
+
+@asynccontextmanager
+async def scratch_postgres(suffix: str) -> AsyncIterator[str]:
+    """A PostgreSQL database of the test's own beside TEST_DATABASE_URL's (its URL), dropped
+    at the end; the test is skipped without TEST_DATABASE_URL. For migrations' tests."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("PostgreSQL only: TEST_DATABASE_URL is not set")
+    server = make_url(normalise_url(url))
+    name = f"{server.database}_{suffix}"
+    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as connection:
+        await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        await connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        await admin.dispose()
 
 
 @pytest.fixture(scope="session", params=_backends())

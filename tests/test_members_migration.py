@@ -2,18 +2,17 @@
 still merge by that key, and downgrading gives the surrogate ids back (SQLite file and, when
 TEST_DATABASE_URL is set, a PostgreSQL database of the test's own)."""
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
 import pytest
 from alembic import command
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from db import alembic_config
-from tests.conftest import normalise_url
+from tests.conftest import scratch_postgres
 
 pytestmark = pytest.mark.anyio
 
@@ -27,21 +26,8 @@ async def scratch(backend: str, tmp_path) -> AsyncIterator[str]:
     if backend == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'members.db'}"
         return
-    url = os.environ.get("TEST_DATABASE_URL")
-    if not url:
-        pytest.skip("PostgreSQL: TEST_DATABASE_URL is not set")
-    server = make_url(normalise_url(url))
-    name = f"{server.database}_members_migration"
-    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as connection:
-        await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        await connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        async with admin.connect() as connection:
-            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        await admin.dispose()
+    async with scratch_postgres("members_migration") as url:
+        yield url
 
 
 async def states(engine: AsyncEngine) -> list[tuple]:

@@ -4,19 +4,18 @@ retention by whole weeks; and the idempotency key they need, `(event_id, occurre
 both databases."""
 
 import asyncio
-import os
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import anyio
 import pytest
 from alembic import command
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import partitions
 from db import alembic_config
-from tests.conftest import Harness, normalise_url, start_harness
+from tests.conftest import Harness, scratch_postgres, start_harness
 from tests.factories import event, ingest, post_events
 
 pytestmark = pytest.mark.anyio
@@ -198,58 +197,50 @@ async def test_an_event_is_the_same_event_with_the_same_id_and_time(harness: Har
 async def test_the_migration_moves_the_log_into_day_partitions_and_back():
     """Upgrading a PostgreSQL log keeps every row, id and the id sequence, each row in its
     day's partition (or the default one); downgrading gives the one table back."""
-    url = os.environ.get("TEST_DATABASE_URL")
-    if not url:
-        pytest.skip("PostgreSQL only")
-    server = make_url(normalise_url(url))
-    name = f"{server.database}_partition_migration"
-    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as connection:
-        await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        await connection.execute(text(f'CREATE DATABASE "{name}"'))
-    target = server.set(database=name)
-    config = alembic_config(target.render_as_string(hide_password=False))
-    engine = create_async_engine(target)
+    async with scratch_postgres("partition_migration") as url:
+        config = alembic_config(url)
+        engine = create_async_engine(url)
+        try:
+            await moved_and_back(config, engine)
+        finally:
+            await engine.dispose()
+
+
+async def moved_and_back(config, engine) -> None:
     now = datetime.now(UTC)
     times = [now, now - 2 * DAY, now - 400 * DAY]
-    try:
-        await anyio.to_thread.run_sync(command.upgrade, config, BEFORE_PARTITIONS)
-        async with engine.begin() as connection:
-            for at in times:
-                await connection.execute(
-                    text(
-                        "INSERT INTO verifications (event_id, chat_id, user_id, result,"
-                        " trigger, missing_channel_ids, cached, latency_ms, occurred_at,"
-                        " received_at) VALUES (gen_random_uuid(), -100, 7, 'passed',"
-                        " 'join', '[]', false, 5, :at, :at)"
-                    ),
-                    {"at": at},
-                )
-        before = await log_rows(engine)
-        await anyio.to_thread.run_sync(command.upgrade, config, "head")
-        assert await log_rows(engine) == before
-        async with engine.connect() as connection:
-            where = dict(
-                (await connection.execute(
-                    text("SELECT id, tableoid::regclass::text FROM verifications")
-                )).all()
-            )  # fmt: skip
-            next_id = (
-                await connection.execute(text("SELECT nextval('verifications_id_seq')"))
-            ).scalar()
-        assert [where[row[0]] for row in before] == [
-            partitions.partition_of(now),
-            partitions.partition_of(now - 2 * DAY),
-            partitions.DEFAULT,
-        ]
-        assert next_id == max(row[0] for row in before) + 1
-        await anyio.to_thread.run_sync(command.downgrade, config, BEFORE_PARTITIONS)
-        assert await log_rows(engine) == before
-    finally:
-        await engine.dispose()
-        async with admin.connect() as connection:
-            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        await admin.dispose()
+    await anyio.to_thread.run_sync(command.upgrade, config, BEFORE_PARTITIONS)
+    async with engine.begin() as connection:
+        for at in times:
+            await connection.execute(
+                text(
+                    "INSERT INTO verifications (event_id, chat_id, user_id, result,"
+                    " trigger, missing_channel_ids, cached, latency_ms, occurred_at,"
+                    " received_at) VALUES (gen_random_uuid(), -100, 7, 'passed',"
+                    " 'join', '[]', false, 5, :at, :at)"
+                ),
+                {"at": at},
+            )
+    before = await log_rows(engine)
+    await anyio.to_thread.run_sync(command.upgrade, config, "head")
+    assert await log_rows(engine) == before
+    async with engine.connect() as connection:
+        where = dict(
+            (await connection.execute(
+                text("SELECT id, tableoid::regclass::text FROM verifications")
+            )).all()
+        )  # fmt: skip
+        next_id = (
+            await connection.execute(text("SELECT nextval('verifications_id_seq')"))
+        ).scalar()
+    assert [where[row[0]] for row in before] == [
+        partitions.partition_of(now),
+        partitions.partition_of(now - 2 * DAY),
+        partitions.DEFAULT,
+    ]
+    assert next_id == max(row[0] for row in before) + 1
+    await anyio.to_thread.run_sync(command.downgrade, config, BEFORE_PARTITIONS)
+    assert await log_rows(engine) == before
 
 
 async def log_rows(engine) -> list[tuple]:
