@@ -143,7 +143,12 @@ EVENTS = TypeAdapter(list[VerificationIn])
 ZERO, MAX_OFFSET = timedelta(0), timedelta(hours=16)
 LATENCY_BUCKET = f"width_bucket(latency_ms, ARRAY{list(LATENCY_EDGES_MS)})"  # = bisect_right
 STATUS = """CASE WHEN {v} IS NOT NULL AND ({r} IS NULL OR {v} >= {r}) THEN 'verified'
-              WHEN {r} IS NOT NULL THEN 'restricted' ELSE 'unknown' END"""
+              WHEN {r} IS NOT NULL THEN 'restricted' ELSE 'unknown' END"""  # = local_status
+NEW_STATUS = STATUS.format(v="verified_at", r="restricted_at")
+MERGED_STATUS = STATUS.format(  # the later times win (greatest() skips NULLs)
+    v="greatest(prior.verified_at, excluded.verified_at)",
+    r="greatest(prior.restricted_at, excluded.restricted_at)",
+)
 # The whole of a batch but its users' sketches, as PostgreSQL's own set operations over the
 # rows the insert returns: the events (the migrated groups' ids replaced, in event order), the
 # member states (one upsert per member, in member order, and the status counts' changes), and
@@ -177,18 +182,12 @@ WITH batch AS (
 ), states AS (
   INSERT INTO members AS prior (chat_id, user_id, status, verified_at, restricted_at, checks,
                                 updated_at)
-  SELECT chat_id, user_id, {STATUS.format(v="verified_at", r="restricted_at")},
-         verified_at, restricted_at, checks, :now
+  SELECT chat_id, user_id, {NEW_STATUS}, verified_at, restricted_at, checks, :now
   FROM seen ORDER BY chat_id, user_id
   ON CONFLICT (chat_id, user_id) DO UPDATE SET
     verified_at = greatest(prior.verified_at, excluded.verified_at),
     restricted_at = greatest(prior.restricted_at, excluded.restricted_at),
-    status = {
-    STATUS.format(
-        v="greatest(prior.verified_at, excluded.verified_at)",
-        r="greatest(prior.restricted_at, excluded.restricted_at)",
-    )
-},
+    status = {MERGED_STATUS},
     checks = prior.checks + excluded.checks,
     updated_at = excluded.updated_at,
     previous_status = prior.status  -- SET sees the row as it was
@@ -336,9 +335,10 @@ async def move_chat(session: AsyncSession, old: int, new: int) -> None:
     states, rollups and sketches; and send the old id's later events there too.
 
     On PostgreSQL it first takes group_migrations for itself. Every batch reads that table
-    first (`moved_to`) and holds it until it commits, so the migration waits for the
-    batches in flight, whose rows it then moves, and the batches that arrive meanwhile
-    wait at that read, then read where the old id went. No event of the old id is stored
+    first (the join at the head of `INGEST`; `moved_to` on SQLite) and holds it until it
+    commits, so the migration waits for the batches in flight, whose rows it then moves,
+    and the batches that arrive meanwhile wait at that read, then read where the old id
+    went. No event of the old id is stored
     beside the move, to stay behind under an id no group has."""
     if is_postgres(session):
         await session.execute(text("LOCK TABLE group_migrations IN ACCESS EXCLUSIVE MODE"))
