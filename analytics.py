@@ -201,7 +201,7 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
     """Record what newly stored events add to the rollups and sketches, as insert-only delta
     rows in the caller's transaction: a retried batch, whose events are not new, adds
     nothing, and concurrent batches never wait on each other (see `fold`). SQLite's path:
-    on PostgreSQL, ingest.INGEST counts in SQL and only the sketches come from here."""
+    on PostgreSQL ingest.INGEST counts in SQL, and ingestion calls `add_sketches` alone."""
     if not events:
         return
     width = len(COUNTERS) + len(LATENCY_COLUMNS)
