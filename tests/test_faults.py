@@ -709,7 +709,16 @@ async def test_everything_works_through_pgbouncer_in_transaction_mode(
     pg_url: str, pgbouncer: str, jwks_server: JWKSServer, tokens: Tokens
 ):
     """Transaction pooling: each transaction may run on another server connection, so no
-    prepared statement may outlive it and LISTEN needs its own session URL."""
+    prepared statement may outlive it and LISTEN needs its own session URL.
+
+    What a stalled database costs (503 within the timeouts) is the other tests' subject;
+    here the waits are long enough to outlast one. With the defaults, this test failed CI
+    three times (24-37 of 200 answers 503): for ~5 s every commit waited while the shared
+    machine stalled (likely a WAL flush behind a checkpoint syncing thousands of the test
+    databases' files; a notifying commit also waits for the one before it), and the 2 s
+    pool and lock, 4 s statement and 5 s command timeouts cut the queue. A real fault in
+    the pooling (a prepared statement reused on another backend, a session setting lost)
+    fails on every attempt, whatever the timeouts."""
     await clean_database(pg_url)
     async with replica(
         pgbouncer,
@@ -717,6 +726,10 @@ async def test_everything_works_through_pgbouncer_in_transaction_mode(
         tokens,
         database_pool_mode="transaction",
         database_listen_url=pg_url,
+        database_pool_timeout=30,
+        database_lock_timeout=20,
+        database_statement_timeout=25,
+        database_command_timeout=30,
     ) as harness:
         await listening(harness)
         client, owner = harness.client, harness.auth(ENV_OWNER)
@@ -749,7 +762,7 @@ async def test_everything_works_through_pgbouncer_in_transaction_mode(
         # The pooler's server timeouts are set per transaction: a slow statement is cut.
         async with harness.sessionmaker() as session:
             timeout = await session.scalar(text("SHOW statement_timeout"))
-        assert timeout == "4s"
+        assert timeout == "25s"
         patched = await client.patch(f"{GROUPS}/{GROUP_ID}", json={"mode": "any"}, headers=owner)
         assert patched.status_code == 200
         assert (await client.get(POLICY, headers=bot)).json()["mode"] == "any"
