@@ -93,6 +93,7 @@ class Services:
     listener: asyncio.Task[None] | None = field(default=None)
     folder: asyncio.Task[None] | None = field(default=None)
     keeper: asyncio.Task[None] | None = field(default=None)
+    announcer: asyncio.Task[None] | None = field(default=None)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -125,6 +126,9 @@ class Services:
                 self.settings, self.db, on_linked=self.linked, on_unlinked=self.unlinked
             )
             self.listener = asyncio.create_task(self.db.listener.run(), name="channelgate-listener")
+            self.announcer = asyncio.create_task(
+                self.db.announcer(self.stopping), name="channelgate-announcer"
+            )
         self.folder = asyncio.create_task(
             analytics.folder(self.db, self.settings.fold_interval_seconds, self.stopping),
             name="channelgate-folder",
@@ -149,7 +153,8 @@ class Services:
         self.feed.drain()
         DRAINING.discard(self.feed)
         self.stopping.set()
-        for task in (self.folder, self.keeper):  # after the pass in flight
+        self.db.later_queued.set()  # the announcer sends what is queued and ends
+        for task in (self.folder, self.keeper, self.announcer):  # after the pass in flight
             if task is not None and not task.done():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(task, FOLD_STOP_SECONDS)

@@ -11,8 +11,11 @@ How a write reaches this process's caches, the other replicas and the live feed:
     await session.commit()
       ├─ before_commit (PostgreSQL): one pg_notify per chunk of ids on the `channelgate`
       │  channel, in the same transaction: other replicas hear of it only if it commits
+      │  (not the LATER topics: the live feed's)
       └─ after_commit: this process's handler for each topic runs at once
-         (the policy cache drops the groups, the feed fetches and fans out the rows)
+         (the policy cache drops the groups, the feed fetches and fans out the rows);
+         the LATER topics' ids wait for `Database.announcer`, which NOTIFYs them every
+         ANNOUNCE_EVERY in a transaction of its own
     every other replica: its Listener (one LISTEN connection) hands each payload to the
     same handlers, skipping the ones its own process sent.
 
@@ -82,6 +85,11 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 NOTIFY_CHANNEL = "channelgate"
 POLICY, AUDIT, VERIFICATION, BOT_KEY = "policy", "audit", "verification", "bot_key"
 MAX_PAYLOAD = 7900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
+# Topics the other replicas hear of shortly after the commit instead of in it (see
+# `Database.announcer`): only the live feed's, which is lossy by contract anyway.
+LATER = frozenset({VERIFICATION})
+ANNOUNCE_EVERY = 0.05  # seconds the announcer gathers ids for one NOTIFY statement
+MAX_LATER = 200_000  # ids waiting for the announcer; beyond, the newest are dropped
 NOTIFY_MANY = text(
     "SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"
 )
@@ -291,6 +299,8 @@ class Database:
         self.origin = secrets.token_hex(4)  # tells this process's notifications from others'
         self.handlers: dict[str, Handler] = {}
         self.listener: Listener | None = None  # PostgreSQL: the link to the other replicas
+        self.later: dict[str, list[str]] | None = None  # while an announcer runs: its queue
+        self.later_queued = asyncio.Event()
         sync_maker = sessionmaker()
         event.listen(sync_maker, "before_commit", self._notify)
         event.listen(sync_maker, "after_commit", self._deliver_here)
@@ -325,21 +335,71 @@ class Database:
         if origin != self.origin and handler is not None and items:
             handler(items.split(","))
 
+    def _payloads(self, pending: dict[str, list[str]]) -> list[str]:
+        return [
+            f"{self.origin} {topic} {chunk}" for topic, items in pending.items() for chunk in
+            _chunks(items, MAX_PAYLOAD - len(self.origin) - len(topic) - 2)
+        ]  # fmt: skip
+
     def _notify(self, session: Session) -> None:
         pending: dict[str, list[str]] | None = session.info.get("announce")
         if not pending or not self.is_postgres:
             return
-        payloads = [
-            f"{self.origin} {topic} {chunk}" for topic, items in pending.items() for chunk in
-            _chunks(items, MAX_PAYLOAD - len(self.origin) - len(topic) - 2)
-        ]  # fmt: skip
-        session.execute(NOTIFY_MANY, {"channel": NOTIFY_CHANNEL, "payloads": payloads})
+        now = {topic: items for topic, items in pending.items() if topic not in LATER}
+        if now:
+            payloads = self._payloads(now)
+            session.execute(NOTIFY_MANY, {"channel": NOTIFY_CHANNEL, "payloads": payloads})
 
     def _deliver_here(self, session: Session) -> None:
         pending: dict[str, list[str]] | None = session.info.pop("announce", None)
         for topic, items in (pending or {}).items():
             if (handler := self.handlers.get(topic)) is not None:
                 handler(items)
+            if topic in LATER and self.later is not None:
+                queued = self.later.setdefault(topic, [])
+                if len(queued) + len(items) <= MAX_LATER:
+                    queued.extend(items)
+                    self.later_queued.set()
+                else:
+                    log.warning("announcer behind: %d %s ids not announced", len(items), topic)
+
+    async def announcer(self, stopping: asyncio.Event) -> None:
+        """Tell the other replicas of the LATER topics' commits, gathered for ANNOUNCE_EVERY
+        into one NOTIFY statement of its own, until `stopping` is set (then what is queued
+        goes out). A NOTIFY makes its commit take PostgreSQL's notify-queue lock until
+        the commit's WAL flush is done, so every ingesting commit notifying in its own
+        transaction made those commits run one at a time (bench/README.md). An
+        announcement that fails (the database is unavailable) is lost, logged: the live
+        feed loses events rather than slowing ingestion, and so does a process that dies
+        between a commit and its announcement."""
+        self.later = {}
+        try:
+            while not stopping.is_set():
+                await self.later_queued.wait()  # set by a commit, or to stop (Services.stop)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), ANNOUNCE_EVERY)
+                await self._announce_later()
+        finally:
+            self.later = None
+
+    async def _announce_later(self) -> None:
+        self.later_queued.clear()
+        pending, self.later = self.later, {}
+        if not pending:
+            return
+        try:
+            async with self.sessionmaker() as session:
+                payloads = self._payloads(pending)
+                await session.execute(
+                    NOTIFY_MANY, {"channel": NOTIFY_CHANNEL, "payloads": payloads}
+                )
+                await session.commit()
+        except Exception as error:
+            count = sum(map(len, pending.values()))
+            if failure(error) is None:
+                log.exception("announcing %d ids failed", count)
+            else:
+                log.warning("%d ids not announced: database unavailable (%s)", count, error)
 
     @contextlib.asynccontextmanager
     async def reading(self, primary: AsyncSession | None = None) -> AsyncIterator[AsyncSession]:

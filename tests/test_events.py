@@ -17,12 +17,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import asyncpg
 import fastapi.routing
 import httpx
 import pytest
+from sqlalchemy import make_url
+from sqlmodel import col, select
 
+import db as db_module
 import feed as feed_module
 from feed import Feed
+from models import Verification
 from tests.conftest import Harness, JWKSServer, Tokens, problem, start_harness
 from tests.factories import (
     GROUP_ID,
@@ -270,6 +275,56 @@ async def test_events_reach_a_subscriber_on_another_replica(
             audit = await stream.next("audit", lambda a: a["action"] == "group.create")
             assert audit["resource_id"] == "-1001000000002"
         assert other.services.feed.subscribers == set()
+
+
+async def test_the_feed_is_announced_after_the_commit_gathered_and_sent_on_stop(
+    harness: Harness, database_url: str, jwks_server: JWKSServer, tokens: Tokens, monkeypatch
+):
+    """Verification ids reach the other replicas through the announcer: not in the ingesting
+    transaction (whose NOTIFY would take PostgreSQL's notify lock through its commit), but
+    gathered for ANNOUNCE_EVERY into one NOTIFY, and what is queued when a replica stops
+    is still sent."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("cross-replica delivery rides on PostgreSQL NOTIFY")
+    monkeypatch.setattr(db_module, "ANNOUNCE_EVERY", 3.0)
+    heard: list[set[str]] = []  # each verification NOTIFY's ids
+
+    def hear(*args: Any) -> None:
+        _origin, topic, items = args[3].split(" ", 2)
+        if topic == "verification":
+            heard.append(set(items.split(",")))
+
+    listener = await asyncpg.connect(
+        make_url(database_url).set(drivername="postgresql").render_as_string(False)
+    )
+    await listener.add_listener(db_module.NOTIFY_CHANNEL, hear)
+    last: set[str] = set()
+    try:
+        async for other in start_harness(database_url, jwks_server.url, tokens):
+            bot = await other.bot_key()
+            ids: list[set[str]] = []
+            for user_id in (1, 2, 3):  # three batches, each acknowledged within the window
+                await post_events(other.client, bot, [event(user_id=user_id)])
+                ids.append(set(map(str, await logged_ids(other, user_id))))
+            assert heard == []  # committed and acknowledged, not yet announced
+            await eventually(lambda: heard, timeout=10)
+            assert heard == [ids[0] | ids[1] | ids[2]]  # one NOTIFY
+            await post_events(other.client, bot, [event(user_id=4)])
+            last = set(map(str, await logged_ids(other, 4)))
+        # The replica has stopped (well within the window): it sent what it had queued.
+        await eventually(lambda: len(heard) == 2)
+        assert heard[1] == last != set()
+    finally:
+        await listener.close()
+
+
+async def logged_ids(harness: Harness, user_id: int) -> list[int]:
+    async with harness.sessionmaker() as session:
+        return list(
+            await session.scalars(
+                select(col(Verification.id)).where(Verification.user_id == user_id)
+            )
+        )
 
 
 async def test_a_full_queue_drops_and_counts(harness: Harness, monkeypatch):
