@@ -159,7 +159,41 @@ def test_every_operation_keeps_the_contract(case: Any, server: str) -> None:
     remember_cursor(case.call_and_validate(base_url=server))
 
 
+def mistyped_links_dropped() -> None:
+    """Drop the links schemathesis inferred (`as_state_machine` adds them to the document)
+    that pass a path parameter on into a parameter of another type: PUT /staff/{user_id}
+    (a staff member's UUID) into the bot's /members/{user_id} (a Telegram user's number),
+    the same name for two things. Its 422 was then judged "schema-valid data rejected",
+    in whichever test order reached that step."""
+    paths = schema.raw_schema["paths"]
+
+    def parameters(operation: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(p["in"], p["name"]): p.get("schema", {}) for p in operation.get("parameters", [])}
+
+    for item in paths.values():
+        for operation in item.values():
+            for response in operation.get("responses", {}).values():
+                links = response.get("links") or {}
+                for name, link in list(links.items()):
+                    if not link.get("x-schemathesis", {}).get("is_inferred"):
+                        continue
+                    _, _, path, method = link["operationRef"].split("/")
+                    target = parameters(paths[path.replace("~1", "/")][method])
+                    for key, source in link.get("parameters", {}).items():
+                        where, _, param = key.partition(".")
+                        given = parameters(operation).get(
+                            ("path", source.removeprefix("$request.path."))
+                        )
+                        wanted = target.get((where, param))
+                        if given and wanted and given.get("type") != wanted.get("type"):
+                            del links[name]
+                            break
+
+
 def test_sequences_keep_the_contract(server: str) -> None:
+    schema.as_state_machine()  # infers the links
+    mistyped_links_dropped()
+
     class Machine(schema.as_state_machine()):  # pyrefly: ignore[invalid-inheritance]
         def before_call(self, case: Any) -> None:
             contract_rules(case)
