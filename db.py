@@ -345,17 +345,21 @@ class Database:
         pending: dict[str, list[str]] | None = session.info.get("announce")
         if not pending or not self.is_postgres:
             return
-        now = {topic: items for topic, items in pending.items() if topic not in LATER}
+        # Without an announcer (a CLI process ingesting), the LATER topics go now, as well.
+        later = self.later is not None
+        session.info["notified_later"] = not later
+        now = {topic: items for topic, items in pending.items() if not later or topic not in LATER}
         if now:
             payloads = self._payloads(now)
             session.execute(NOTIFY_MANY, {"channel": NOTIFY_CHANNEL, "payloads": payloads})
 
     def _deliver_here(self, session: Session) -> None:
         pending: dict[str, list[str]] | None = session.info.pop("announce", None)
+        notified = session.info.pop("notified_later", False)
         for topic, items in (pending or {}).items():
             if (handler := self.handlers.get(topic)) is not None:
                 handler(items)
-            if topic in LATER and self.later is not None:
+            if topic in LATER and self.later is not None and not notified:
                 queued = self.later.setdefault(topic, [])
                 if len(queued) + len(items) <= MAX_LATER:
                     queued.extend(items)
@@ -485,6 +489,7 @@ def announce(session: AsyncSession | Session, topic: str, items: Iterable[object
 
 def _forget(session: Session) -> None:
     session.info.pop("announce", None)
+    session.info.pop("notified_later", None)
 
 
 def _chunks(items: list[str], size: int) -> Iterable[str]:

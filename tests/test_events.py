@@ -26,9 +26,11 @@ from sqlmodel import col, select
 
 import db as db_module
 import feed as feed_module
+from db import Database
 from feed import Feed
-from models import Verification
-from tests.conftest import Harness, JWKSServer, Tokens, problem, start_harness
+from ingest import ingest as ingest_events
+from models import Verification, VerificationBatch
+from tests.conftest import Harness, JWKSServer, Tokens, make_settings, problem, start_harness
 from tests.factories import (
     GROUP_ID,
     create_group,
@@ -277,17 +279,10 @@ async def test_events_reach_a_subscriber_on_another_replica(
         assert other.services.feed.subscribers == set()
 
 
-async def test_the_feed_is_announced_after_the_commit_gathered_and_sent_on_stop(
-    harness: Harness, database_url: str, jwks_server: JWKSServer, tokens: Tokens, monkeypatch
-):
-    """Verification ids reach the other replicas through the announcer: not in the ingesting
-    transaction (whose NOTIFY would take PostgreSQL's notify lock through its commit), but
-    gathered for ANNOUNCE_EVERY into one NOTIFY, and what is queued when a replica stops
-    is still sent."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("cross-replica delivery rides on PostgreSQL NOTIFY")
-    monkeypatch.setattr(db_module, "ANNOUNCE_EVERY", 3.0)
-    heard: list[set[str]] = []  # each verification NOTIFY's ids
+@asynccontextmanager
+async def verification_notifies(database_url: str) -> AsyncGenerator[list[set[str]]]:
+    """The ids of each verification NOTIFY that PostgreSQL delivers meanwhile."""
+    heard: list[set[str]] = []
 
     def hear(*args: Any) -> None:
         _origin, topic, items = args[3].split(" ", 2)
@@ -298,8 +293,24 @@ async def test_the_feed_is_announced_after_the_commit_gathered_and_sent_on_stop(
         make_url(database_url).set(drivername="postgresql").render_as_string(False)
     )
     await listener.add_listener(db_module.NOTIFY_CHANNEL, hear)
-    last: set[str] = set()
     try:
+        yield heard
+    finally:
+        await listener.close()
+
+
+async def test_the_feed_is_announced_after_the_commit_gathered_and_sent_on_stop(
+    harness: Harness, database_url: str, jwks_server: JWKSServer, tokens: Tokens, monkeypatch
+):
+    """Verification ids reach the other replicas through the announcer: not in the ingesting
+    transaction (whose NOTIFY would take PostgreSQL's notify lock through its commit), but
+    gathered for ANNOUNCE_EVERY into one NOTIFY, and what is queued when a replica stops
+    is still sent."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("cross-replica delivery rides on PostgreSQL NOTIFY")
+    monkeypatch.setattr(db_module, "ANNOUNCE_EVERY", 3.0)
+    last: set[str] = set()
+    async with verification_notifies(database_url) as heard:
         async for other in start_harness(database_url, jwks_server.url, tokens):
             bot = await other.bot_key()
             ids: list[set[str]] = []
@@ -314,8 +325,28 @@ async def test_the_feed_is_announced_after_the_commit_gathered_and_sent_on_stop(
         # The replica has stopped (well within the window): it sent what it had queued.
         await eventually(lambda: len(heard) == 2)
         assert heard[1] == last != set()
+
+
+async def test_a_process_without_an_announcer_notifies_in_the_commit(
+    harness: Harness, database_url: str
+):
+    """A CLI command that ingests (seed-demo) runs no announcer: its events still reach the
+    replicas' feeds, through a NOTIFY in the ingesting transaction as before."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("cross-replica delivery rides on PostgreSQL NOTIFY")
+    database = Database(make_settings(database_url, ""))
+    try:
+        async with verification_notifies(database_url) as heard:
+            async with database.sessionmaker() as session:
+                body = VerificationBatch.model_validate_json(
+                    json.dumps({"events": [event(user_id=5)]})
+                )
+                assert await ingest_events(session, body.events) == 1
+                await session.commit()
+            await eventually(lambda: heard)
+            assert heard == [set(map(str, await logged_ids(harness, 5)))]
     finally:
-        await listener.close()
+        await database.dispose()
 
 
 async def logged_ids(harness: Harness, user_id: int) -> list[int]:
