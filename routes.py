@@ -34,7 +34,7 @@ from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 import analytics
 import policy
@@ -807,20 +807,28 @@ class Export(StreamingResponse):
             self.done()
 
     async def stream_response(self, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        async for chunk in self.body_iterator:
-            body = chunk.encode(self.charset) if isinstance(chunk, str) else bytes(chunk)
+        async def sent(message: Message) -> bool:
+            """Every send, the first and the last too: any may wait on a full socket."""
             try:
                 async with asyncio.timeout(STALL_SECONDS):
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    await send(message)
             except TimeoutError:
                 # Unfinished on purpose: the server closes the connection (any last send
                 # would wait on the same full socket).
                 log.warning("export ended: its client read nothing for %.0f s", STALL_SECONDS)
+                return False
+            return True
+
+        headers = self.raw_headers
+        if not await sent(
+            {"type": "http.response.start", "status": self.status_code, "headers": headers}
+        ):
+            return
+        async for chunk in self.body_iterator:
+            body = chunk.encode(self.charset) if isinstance(chunk, str) else bytes(chunk)
+            if not await sent({"type": "http.response.body", "body": body, "more_body": True}):
                 return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await sent({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 @dashboard.get(

@@ -78,11 +78,14 @@ async def test_stalled_exports_and_feeds_leave_ingestion_fast(harness: Harness, 
         assert "at most 2 exports at a time per user" in problem(third, 429)["detail"]
 
 
+@pytest.mark.parametrize(
+    "events", [4000, 1900], ids=["a later page waits", "the closing send waits"]
+)
 async def test_an_export_that_makes_no_progress_is_ended(
-    harness: Harness, bot, viewer, monkeypatch
+    harness: Harness, bot, viewer, monkeypatch, events: int
 ):
     monkeypatch.setattr(routes, "STALL_SECONDS", 0.3)
-    await fill_log(harness, bot, 4000)
+    await fill_log(harness, bot, events)
     exports = harness.services.limiter.exports
     async with served(harness, send_buffer=8192) as http:
         port = int(str(http.base_url).rsplit(":", 1)[1])
@@ -93,5 +96,5 @@ async def test_an_export_that_makes_no_progress_is_ended(
         async with http.stream("GET", EXPORT, headers=viewer) as response:
             assert response.status_code == 200
             lines = [line async for line in response.aiter_lines() if line]
-        assert len(lines) == 1 + 4000
+        assert len(lines) == 1 + events
     assert not exports.held
