@@ -221,8 +221,28 @@ def tokens(keys: Keys) -> Tokens:
 # ---------------------------------------------------------------- the app
 
 
+# The database waits a deployment gets (Settings' defaults: a 3 s connect, 2 s for a pooled
+# connection, 5 s a command, 4 s a statement, 2 s a lock), for the tests about them.
+DEPLOYED_TIMEOUTS = {
+    name: field.default
+    for name, field in Settings.model_fields.items()
+    if name.startswith("database_") and name.endswith("_timeout")
+}
+# Every other test waits longer: the CI machine (a shared VM) stalls every commit or new
+# connection for a few seconds now and then (PSI shows whole-machine I/O stalls), and a
+# test about groups or exports must not fail on that.
+STALL_TOLERANT_TIMEOUTS = {
+    "database_connect_timeout": 10.0,
+    "database_pool_timeout": 10.0,
+    "database_command_timeout": 15.0,
+    "database_statement_timeout": 12.0,
+    "database_lock_timeout": 10.0,
+}
+
+
 def make_settings(database_url: str, jwks_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
+        **STALL_TOLERANT_TIMEOUTS,
         "database_url": database_url,
         "supabase_url": SUPABASE_URL,
         "supabase_jwks_url": jwks_url,

@@ -32,7 +32,15 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import select
 
 from models import Channel, Group, GroupChannel
-from tests.conftest import ENV_OWNER, Harness, JWKSServer, Tokens, clean_database, start_harness
+from tests.conftest import (
+    DEPLOYED_TIMEOUTS,
+    ENV_OWNER,
+    Harness,
+    JWKSServer,
+    Tokens,
+    clean_database,
+    start_harness,
+)
 from tests.factories import (
     CHANNEL_ID,
     GROUP_ID,
@@ -157,7 +165,7 @@ async def proxied(
     """The app with every database connection, LISTEN included, through the proxy; the
     default timeouts (what a deployment gets)."""
     await clean_database(pg_url)
-    async with replica(proxy.url, jwks_server.url, tokens) as harness:
+    async with replica(proxy.url, jwks_server.url, tokens, **DEPLOYED_TIMEOUTS) as harness:
         await listening(harness)
         yield harness
 
@@ -506,7 +514,9 @@ async def test_a_stalled_listen_link_is_noticed_bounded_and_relinked(
     through the proxy, which then stalls (a 45 s stall killed the old listener for good)."""
     bot = await harness.bot_key()
     await register_group(harness.client, bot)
-    async with replica(pg_url, jwks_server.url, tokens, database_listen_url=proxy.url) as other:
+    async with replica(
+        pg_url, jwks_server.url, tokens, database_listen_url=proxy.url, **DEPLOYED_TIMEOUTS
+    ) as other:
         await listening(harness, other)
         listener = other.services.db.listener
         assert listener is not None
