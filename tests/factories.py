@@ -183,6 +183,11 @@ async def served(
     finally:
         server.should_exit = True
         await task
+        # uvicorn cancels the requests still running (stalled streams) and returns without
+        # waiting for them; they must be gone before the harness app stops and closes its
+        # database, or one may wait forever on a closed SQLite connection's thread.
+        if running := set(server.server_state.tasks):
+            await asyncio.wait(running, timeout=10)
         sock.close()
 
 
