@@ -755,7 +755,9 @@ class Verification(SQLModel, table=True):
     __tablename__ = "verifications"  # pyrefly: ignore[bad-override]
     __table_args__ = (
         # The idempotency key holds the partition key (partitions.py): a retry repeats both.
-        UniqueConstraint("event_id", "occurred_at"),
+        # Time first: random event ids would scatter inserts over the whole index (migration
+        # c4e8a2d1f6b3).
+        UniqueConstraint("occurred_at", "event_id"),
         Index(None, "occurred_at", "id"),
         Index(None, "chat_id", "occurred_at", "id"),
         Index(None, "user_id", "occurred_at", "id"),

@@ -15,8 +15,9 @@ planning a page and ~600 locks a query, with PostgreSQL's shared lock table hold
 connection by default (max_locks_per_transaction). Weeks make it 16 partitions, 99 locks.
 
 A unique key on a partitioned table must contain the partition key, so the log's is
-`(event_id, occurred_at)`: a retried event repeats its `occurred_at` with its `event_id`
-(the client spools whole events), so idempotency by `event_id` holds (API.md).
+`(occurred_at, event_id)`: a retried event repeats its `occurred_at` with its `event_id`
+(the client spools whole events), so idempotency by `event_id` holds (API.md). Time first,
+so that random event ids do not scatter the key's inserts (migration c4e8a2d1f6b3).
 """
 
 import asyncio

@@ -1,6 +1,6 @@
 """The raw log's week partitions on PostgreSQL (partitions.py): made ahead by the service, rows
 outside them kept in the default partition and moved when their week's partition is made,
-retention by whole weeks; and the idempotency key they need, `(event_id, occurred_at)`, on
+retention by whole weeks; and the idempotency key they need, `(occurred_at, event_id)`, on
 both databases."""
 
 import asyncio
@@ -175,7 +175,7 @@ async def test_purge_waits_for_a_busy_log_within_its_lock_timeout(harness: Harne
 
 
 async def test_an_event_is_the_same_event_with_the_same_id_and_time(harness: Harness, bot):
-    """The idempotency key is (event_id, occurred_at) on both databases: a retry repeats the
+    """The idempotency key is (occurred_at, event_id) on both databases: a retry repeats the
     whole event. The same id at another time is another event (API.md)."""
     first = event(at=datetime.now(UTC) - timedelta(minutes=5))
     moved = {**first, "occurred_at": event()["occurred_at"]}
@@ -233,6 +233,15 @@ async def moved_and_back(config, engine) -> None:
         next_id = (
             await connection.execute(text("SELECT nextval('verifications_id_seq')"))
         ).scalar()
+        key = (  # time first: random event ids would scatter its inserts over the index
+            await connection.execute(
+                text(
+                    "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+                    " WHERE conrelid = 'verifications'::regclass AND contype = 'u'"
+                )
+            )
+        ).scalar()
+    assert key == "UNIQUE (occurred_at, event_id)"
     assert [where[row[0]] for row in before] == [
         partitions.partition_of(now),
         partitions.partition_of(now - 2 * DAY),
