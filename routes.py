@@ -10,13 +10,14 @@ import io
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import ValidationError
 from sqlalchemy import (
@@ -34,7 +35,7 @@ from sqlalchemy import select as core_select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col, select
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import analytics
 import policy
@@ -140,10 +141,63 @@ from ratelimit import limiter_of
 
 log = logging.getLogger("channelgate.routes")
 
+# ---------------------------------------------------------------- streams that must be read
+
+STALL_SECONDS = 30.0  # a stream whose client reads nothing for this long is ended
+
+
+class Stalled(Exception):
+    """A send of a streamed answer waited STALL_SECONDS: its client reads nothing."""
+
+
+async def unless_stalled(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run `app` with every send bounded, the response start and the closing one too (any
+    may wait on a full socket); a send that waits STALL_SECONDS ends it. Unfinished on
+    purpose: the server then closes the connection, as any last send would wait on the same
+    full socket."""
+
+    async def bounded(message: Message) -> None:
+        try:
+            async with asyncio.timeout(STALL_SECONDS):
+                await send(message)
+        except TimeoutError:
+            raise Stalled from None
+
+    try:
+        await app(scope, receive, bounded)
+    except* Stalled:
+        log.warning("%s ended: its client read nothing for %.0f s", scope["path"], STALL_SECONDS)
+
+
+class StallBounded(Response):
+    """Another response, sent by `unless_stalled`."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await unless_stalled(self.response, scope, receive, send)
+
+
+class StallBoundedRoute(APIRoute):
+    """A route whose answers are `StallBounded`: the live feed's, whose stream FastAPI
+    makes (a stalled stream otherwise kept its place, and never saw its token expire)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return StallBounded(await handler(request))
+
+        return bounded
+
+
 dashboard = APIRouter(prefix="/api/v1", dependencies=[Depends(current_staff)])
 # The live feed: staff too, but its token may come as ?access_token= (EventSource sends no
 # headers), so it has a router of its own.
-live = APIRouter(prefix="/api/v1", dependencies=[Depends(feed_staff)])
+live = APIRouter(
+    prefix="/api/v1", dependencies=[Depends(feed_staff)], route_class=StallBoundedRoute
+)
 bot = APIRouter(prefix="/api/v1/bot", tags=["bot"], dependencies=[Depends(bot_caller)])
 service = APIRouter(tags=["service"])
 
@@ -788,7 +842,6 @@ def csv_row(v: Verification) -> list[object]:
 
 
 EXPORT_PAGE = 2000  # rows per read: one short transaction each
-STALL_SECONDS = 30.0  # an export whose client reads nothing for this long is ended
 
 
 class Export(StreamingResponse):
@@ -802,33 +855,9 @@ class Export(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await unless_stalled(super().__call__, scope, receive, send)
         finally:
             self.done()
-
-    async def stream_response(self, send: Send) -> None:
-        async def sent(message: Message) -> bool:
-            """Every send, the first and the last too: any may wait on a full socket."""
-            try:
-                async with asyncio.timeout(STALL_SECONDS):
-                    await send(message)
-            except TimeoutError:
-                # Unfinished on purpose: the server closes the connection (any last send
-                # would wait on the same full socket).
-                log.warning("export ended: its client read nothing for %.0f s", STALL_SECONDS)
-                return False
-            return True
-
-        headers = self.raw_headers
-        if not await sent(
-            {"type": "http.response.start", "status": self.status_code, "headers": headers}
-        ):
-            return
-        async for chunk in self.body_iterator:
-            body = chunk.encode(self.charset) if isinstance(chunk, str) else bytes(chunk)
-            if not await sent({"type": "http.response.body", "body": body, "more_body": True}):
-                return
-        await sent({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 @dashboard.get(

@@ -99,3 +99,31 @@ async def test_an_export_that_makes_no_progress_is_ended(
             lines = [line async for line in response.aiter_lines() if line]
         assert len(lines) == 1 + events
     assert not exports.held
+
+
+async def test_a_feed_stream_that_makes_no_progress_is_ended(
+    harness: Harness, bot, viewer, monkeypatch
+):
+    """A live-feed client that stops reading while events come (its socket full) loses its
+    stream and its place, as an export's does; one that reads gets every event."""
+    monkeypatch.setattr(routes, "STALL_SECONDS", 0.3)
+    feed = harness.services.feed
+    async with served(harness, send_buffer=8192) as http:
+        port = int(str(http.base_url).rsplit(":", 1)[1])
+        async with stalled(port, "/api/v1/events", viewer):
+            await eventually(lambda: len(feed.subscribers) == 1)
+            await fill_log(harness, bot, 1000)  # ~300 bytes an event: far past both buffers
+            await eventually(lambda: not feed.subscribers, timeout=5)  # ended; place given back
+        async with http.stream("GET", "/api/v1/events", headers=viewer) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            assert await anext(lines) == "retry: 3000"
+            await eventually(lambda: len(feed.subscribers) == 1)
+            await fill_log(harness, bot, 1000)
+            got = 0
+            async with asyncio.timeout(30):
+                async for line in lines:
+                    got += line == "event: verification"
+                    if got == 1000:
+                        break
+    assert not feed.subscribers
