@@ -842,6 +842,11 @@ def csv_row(v: Verification) -> list[object]:
 
 
 EXPORT_PAGE = 2000  # rows per read: one short transaction each
+# Rows per send (~30 KB at a seeded log's ~151 bytes a row), not a page a send: Granian takes
+# sends into its buffer before one waits (a whole 20,000-row export, for a client that read
+# nothing). Two stalled 100,000-row exports grew its worker by 13.8 MB, against 18.1 with
+# a page a send.
+EXPORT_CHUNK = 200
 
 
 class Export(StreamingResponse):
@@ -887,11 +892,12 @@ async def export_verifications(
             statement = statement.order_by(*LOG_ORDER.order()).limit(EXPORT_PAGE)
             async with db.reading() as page_session:
                 rows = list(await page_session.scalars(statement))
-            for row in rows:
-                writer.writerow(csv_row(row))
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
+            for start in range(0, max(len(rows), 1), EXPORT_CHUNK):  # the header alone too
+                writer.writerows(map(csv_row, rows[start : start + EXPORT_CHUNK]))
+                if buffer.tell():
+                    yield buffer.getvalue()
+                    buffer.seek(0)
+                    buffer.truncate()
             if len(rows) < EXPORT_PAGE:
                 return
             after = [rows[-1].occurred_at, rows[-1].id]
