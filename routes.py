@@ -10,7 +10,7 @@ import io
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -841,6 +841,12 @@ def csv_row(v: Verification) -> list[object]:
     ]
 
 
+def csv_text(rows: Iterable[Sequence[object]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)  # RFC 4180: CRLF, quotes doubled, quoted when needed
+    return buffer.getvalue()
+
+
 EXPORT_PAGE = 2000  # rows per read: one short transaction each
 # Rows per send (~30 KB at a seeded log's ~151 bytes a row), not a page a send: Granian takes
 # sends into its buffer before one waits (a whole 20,000-row export, for a client that read
@@ -881,9 +887,7 @@ async def export_verifications(
     async def lines() -> AsyncIterator[str]:
         # Page by page, each read in a short transaction of its own: waiting on a slow
         # client never holds a connection (nor, on SQLite, the only one).
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)  # RFC 4180: CRLF, quotes doubled, quoted when needed
-        writer.writerow(CSV_COLUMNS)
+        yield csv_text([CSV_COLUMNS])
         after: list[Any] | None = None
         while True:
             statement = select(Verification).where(*filters)
@@ -892,12 +896,8 @@ async def export_verifications(
             statement = statement.order_by(*LOG_ORDER.order()).limit(EXPORT_PAGE)
             async with db.reading() as page_session:
                 rows = list(await page_session.scalars(statement))
-            for start in range(0, max(len(rows), 1), EXPORT_CHUNK):  # the header alone too
-                writer.writerows(map(csv_row, rows[start : start + EXPORT_CHUNK]))
-                if buffer.tell():
-                    yield buffer.getvalue()
-                    buffer.seek(0)
-                    buffer.truncate()
+            for start in range(0, len(rows), EXPORT_CHUNK):
+                yield csv_text(map(csv_row, rows[start : start + EXPORT_CHUNK]))
             if len(rows) < EXPORT_PAGE:
                 return
             after = [rows[-1].occurred_at, rows[-1].id]
