@@ -335,11 +335,13 @@ class Database:
         if origin != self.origin and handler is not None and items:
             handler(items.split(","))
 
-    def _payloads(self, pending: dict[str, list[str]]) -> list[str]:
-        return [
+    def _notification(self, pending: dict[str, list[str]]) -> dict[str, Any]:
+        """NOTIFY_MANY's parameters for these topics' items."""
+        payloads = [
             f"{self.origin} {topic} {chunk}" for topic, items in pending.items() for chunk in
             _chunks(items, MAX_PAYLOAD - len(self.origin) - len(topic) - 2)
         ]  # fmt: skip
+        return {"channel": NOTIFY_CHANNEL, "payloads": payloads}
 
     def _notify(self, session: Session) -> None:
         pending: dict[str, list[str]] | None = session.info.get("announce")
@@ -350,8 +352,7 @@ class Database:
         session.info["notified_later"] = not later
         now = {topic: items for topic, items in pending.items() if not later or topic not in LATER}
         if now:
-            payloads = self._payloads(now)
-            session.execute(NOTIFY_MANY, {"channel": NOTIFY_CHANNEL, "payloads": payloads})
+            session.execute(NOTIFY_MANY, self._notification(now))
 
     def _deliver_here(self, session: Session) -> None:
         pending: dict[str, list[str]] | None = session.info.pop("announce", None)
@@ -393,10 +394,7 @@ class Database:
             return
         try:
             async with self.sessionmaker() as session:
-                payloads = self._payloads(pending)
-                await session.execute(
-                    NOTIFY_MANY, {"channel": NOTIFY_CHANNEL, "payloads": payloads}
-                )
+                await session.execute(NOTIFY_MANY, self._notification(pending))
                 await session.commit()
         except Exception as error:
             count = sum(map(len, pending.values()))
