@@ -242,6 +242,11 @@ async def update_rollups(session: AsyncSession, events: Sequence[VerificationIn]
 async def add_sketches(session: AsyncSession, seen: Iterable[tuple[int, int, int]]) -> None:
     """Record newly stored events' users, (chat id, user id, Unix time) each, as delta
     sketches of their group's and of all groups' hour and day."""
+    await insert_rows(session, user_sketch_deltas, sketch_rows(seen))
+
+
+def sketch_rows(seen: Iterable[tuple[int, int, int]]) -> list[dict[str, Any]]:
+    """`add_sketches`'s delta rows."""
     users: dict[Key, list[int]] = defaultdict(list)
     for chat_id, user_id, ts in seen:
         hour, day = ts - ts % 3600, ts - ts % 86400
@@ -249,11 +254,10 @@ async def add_sketches(session: AsyncSession, seen: Iterable[tuple[int, int, int
         users["d", chat_id, day].append(user_id)
         users["h", ALL_GROUPS, hour].append(user_id)
         users["d", ALL_GROUPS, day].append(user_id)
-    rows = [
+    return [
         {"grain": g, "chat_id": c, "bucket": bucket_time(b), "sketch": add_users(None, ids)}
         for (g, c, b), ids in users.items()
     ]
-    await insert_rows(session, user_sketch_deltas, rows)
 
 
 async def insert_rows(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:

@@ -16,7 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 from sqlmodel import select as select_rows
 
-from analytics import add_sketches, fold, insert_rows, lock_folding, move_rollups, update_rollups
+from analytics import (
+    add_sketches,
+    fold,
+    insert_rows,
+    lock_folding,
+    move_rollups,
+    sketch_rows,
+    update_rollups,
+)
 from db import VERIFICATION, announce, bulk_insert, is_postgres, upsert
 from models import (
     COUNTERS,
@@ -218,24 +226,50 @@ WITH batch AS (
     SELECT DISTINCT value::bigint AS channel_id FROM jsonb_array_elements(missing_channel_ids)
   ) AS missing
   WHERE result = 'blocked' GROUP BY grain, chat_id, bucket, channel_id
+), sketched AS (
+  -- The batch's users as delta sketches, made in Python beforehand (`ingest_in_sql`) and
+  -- stored only if every event is new: else the new ones' are made and stored after this.
+  INSERT INTO user_sketch_deltas (grain, chat_id, bucket, sketch)
+  SELECT s.grain, coalesce(m.new_chat_id, s.chat_id), s.bucket, s.sketch
+  FROM unnest(CAST(:grain AS text[]), CAST(:chat_id AS bigint[]),
+              CAST(:bucket AS timestamptz[]), CAST(:sketch AS bytea[]))
+       AS s(grain, chat_id, bucket, sketch)
+  LEFT JOIN group_migrations AS m ON m.old_chat_id = s.chat_id
+  WHERE (SELECT count(*) FROM new) = :events_sent
 )
-SELECT id, chat_id, user_id, floor(extract(epoch FROM occurred_at))::bigint AS ts FROM new
+-- One row of arrays, decoded by asyncpg in C, rather than a row an event.
+SELECT coalesce(array_agg(id ORDER BY id), '{{}}'), array_agg(chat_id ORDER BY id),
+       array_agg(user_id ORDER BY id),
+       array_agg(floor(extract(epoch FROM occurred_at))::bigint ORDER BY id)
+FROM new
 """)  # noqa: S608 - built from constants only
 
 
 async def ingest_in_sql(
     session: AsyncSession, events: list[VerificationIn], received_at: datetime
 ) -> int:
-    """`ingest` on PostgreSQL: INGEST, then the new events' users into delta sketches
-    (DataSketches, in Python). The migrated-groups read comes first, as in `moved_to`."""
+    """`ingest` on PostgreSQL: INGEST, with the batch's users as delta sketches (DataSketches,
+    in Python) stored by the same statement when all its events are new, as they are but in
+    a retry. The migrated-groups read comes first, as in `moved_to`."""
     for i, e in enumerate(events):  # PostgreSQL reads UTC offsets up to 15:59; RFC 3339's 23:59
         if abs(e.occurred_at.utcoffset() or ZERO) >= MAX_OFFSET:
             events[i] = e.model_copy(update={"occurred_at": e.occurred_at.astimezone(UTC)})
-    params = {"events": EVENTS.dump_json(events).decode(), "now": received_at}
-    new = (await session.execute(INGEST, params)).all()
-    await add_sketches(session, [(chat_id, user_id, ts) for _, chat_id, user_id, ts in new])
-    announce(session, VERIFICATION, sorted(row[0] for row in new))
-    return len(new)
+    seen = [(e.chat_id, e.user_id, int(e.occurred_at.timestamp())) for e in events]
+    sketches = sketch_rows(seen)
+    params: dict[str, Any] = {
+        "events": EVENTS.dump_json(events).decode(),
+        "now": received_at,
+        "events_sent": len(events),
+        **{
+            name: [row[name] for row in sketches]
+            for name in ("grain", "chat_id", "bucket", "sketch")
+        },
+    }
+    ids, chat_ids, user_ids, times = (await session.execute(INGEST, params)).one()
+    if len(ids) < len(events):  # a retry: the statement stored no sketches
+        await add_sketches(session, zip(chat_ids or (), user_ids or (), times or (), strict=True))
+    announce(session, VERIFICATION, ids)
+    return len(ids)
 
 
 async def upsert_members(

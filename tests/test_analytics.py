@@ -821,6 +821,39 @@ async def test_small_group_counted_exactly_and_not_flagged(harness: Harness, bot
         assert (body["unique_users"], body["unique_users_estimated"]) == (184, False)
 
 
+async def test_a_batch_repeating_stored_events_counts_only_its_new_events_users(
+    harness: Harness, bot, viewer
+):
+    """Ingestion stores a batch's delta sketches with its events when all of them are new;
+    a batch holding events stored before falls back to the new ones' users alone. The
+    repeat here names another user under a stored event's key: the log keeps the first,
+    and so must the count."""
+    t = floor_hour(datetime.now(UTC)) - 2 * HOUR
+    first = [event(GROUPS[0], u, at=t + timedelta(seconds=u)) for u in range(1, 6)]
+    assert await post_events(harness.client, bot, first) == {"accepted": 5, "duplicates": 0}
+    again = [{**first[0], "user_id": 99}, event(GROUPS[0], 6, at=t + timedelta(minutes=9))]
+    assert await post_events(harness.client, bot, again) == {"accepted": 1, "duplicates": 1}
+    for group in (GROUPS[0], None):
+        body = await ok(harness.client, viewer, "summary", since=t, until=t + HOUR, group=group)
+        assert (body["checks"], body["unique_users"]) == (6, 6), group
+
+
+async def test_events_under_a_migrated_id_count_their_users_under_the_new_one(
+    harness: Harness, bot, viewer
+):
+    old, new = GROUPS[0], GROUPS[3]
+    await register_group(harness.client, bot, old, title="Basic")
+    url = f"/api/v1/bot/groups/{old}/migrate"
+    migrated = await harness.client.post(url, json={"new_chat_id": new}, headers=bot)
+    assert migrated.status_code == 200, migrated.text
+    t = floor_hour(datetime.now(UTC)) - HOUR
+    late = [event(old, u, at=t + timedelta(seconds=u)) for u in range(1, 8)]
+    await post_events(harness.client, bot, late)
+    for group, users in ((new, 7), (old, 0), (None, 7)):
+        body = await ok(harness.client, viewer, "summary", since=t, until=t + HOUR, group=group)
+        assert (body["checks"], body["unique_users"]) == (users, users), group
+
+
 async def test_window_reaching_legacy_registers_adds_their_estimate_and_is_flagged(
     harness: Harness, bot, viewer
 ):
