@@ -248,9 +248,9 @@ FROM new
 async def ingest_in_sql(
     session: AsyncSession, events: list[VerificationIn], received_at: datetime
 ) -> int:
-    """`ingest` on PostgreSQL: INGEST, with the batch's users as delta sketches (DataSketches,
-    in Python) stored by the same statement when all its events are new, as they are but in
-    a retry. The migrated-groups read comes first, as in `moved_to`."""
+    """`ingest` on PostgreSQL: INGEST, which also stores the batch's users as delta sketches
+    (DataSketches, made here in Python) when every event is new; in a retry, the new events'
+    sketches are stored after it. The migrated-groups read comes first, as in `moved_to`."""
     for i, e in enumerate(events):  # PostgreSQL reads UTC offsets up to 15:59; RFC 3339's 23:59
         if abs(e.occurred_at.utcoffset() or ZERO) >= MAX_OFFSET:
             events[i] = e.model_copy(update={"occurred_at": e.occurred_at.astimezone(UTC)})

@@ -841,6 +841,8 @@ async def test_a_batch_repeating_stored_events_counts_only_its_new_events_users(
 async def test_events_under_a_migrated_id_count_their_users_under_the_new_one(
     harness: Harness, bot, viewer
 ):
+    """A bot still reports under a group's old id after it migrated (batched before, or from
+    a replica that has not heard): the batch's sketches follow its events to the new id."""
     old, new = GROUPS[0], GROUPS[3]
     await register_group(harness.client, bot, old, title="Basic")
     url = f"/api/v1/bot/groups/{old}/migrate"
