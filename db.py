@@ -70,7 +70,6 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.util import await_
 from sqlmodel import SQLModel
 from starlette.requests import HTTPConnection
 
@@ -134,30 +133,20 @@ def make_engine(settings: Settings, url: str = "", name: str = "channelgate") ->
 
 
 class Dialect(PGDialect_asyncpg):
-    """SQLAlchemy's asyncpg dialect, with a pool pre-ping of one round trip that treats the
-    driver's bare TimeoutError (a silent partition) as the lost connection it is: the pool
-    then opens a new one, bounded by the connect timeout, instead of raising the
-    TimeoutError.
-
-    SQLAlchemy's own ping is three round trips (BEGIN, `;` as a prepared statement,
-    ROLLBACK: the transaction keeps its two-step extended protocol on one backend behind a
-    transaction pooler). `SELECT 1` in the simple protocol is one message and one
-    answer, safe behind any pooler; under the command timeout, as every statement. It cost
-    a batch's ingestion ~8 % of the server's CPU (bench/README.md, 2026-12-06, night)."""
+    """SQLAlchemy's asyncpg dialect, with a pool pre-ping that treats the driver's bare
+    TimeoutError (a silent partition) as the lost connection it is: the pool then opens a
+    new one, bounded by the connect timeout, instead of raising the TimeoutError."""
 
     supports_statement_cache = True
 
     def do_ping(self, dbapi_connection: Any) -> Literal[True]:
         try:
-            await_(dbapi_connection.driver_connection.execute("SELECT 1"))
+            return super().do_ping(dbapi_connection)
         except (OSError, TimeoutError) as error:
             # At once: SQLAlchemy's own close would first wait 2 s for a goodbye that the
             # partition swallows. is_disconnect() now sees the connection closed.
             dbapi_connection.driver_connection.terminate()
             raise self.loaded_dbapi.InterfaceError(f"connection is closed: {error!r}") from error
-        except Exception as error:  # the driver's errors as the DBAPI's, as SQLAlchemy's ping
-            dbapi_connection._handle_exception(error)
-        return True
 
 
 registry.register("postgresql.channelgate", __name__, "Dialect")
